@@ -1,0 +1,202 @@
+//! The command line: `exactly serve` and `exactly migrate`.
+//!
+//! Every flag has an environment fallback so the same binary runs unchanged
+//! as a Knative Service (configuration by environment) and on a laptop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::manifest::Manifest;
+use crate::runtime::{Limits, Runtime};
+use crate::server::{self, ServerConfig};
+use crate::storage::{Database, DbOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "exactly", version, about = "Exactly-once CloudEvent sink running sandboxed WebAssembly handlers")]
+struct Cli {
+    /// Log format: `auto` is JSON when stderr is not a terminal (containers)
+    /// and human-readable on a terminal.
+    #[arg(long, env = "EXACTLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply migrations, load the handlers and serve CloudEvents over HTTP.
+    Serve(ServeArgs),
+    /// Apply the host schema and every handler's migrations, then exit.
+    Migrate(CommonArgs),
+}
+
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
+    /// (the SQLite file is created if missing). Credentials belong in the
+    /// environment, not on the command line.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
+    database_url: String,
+
+    /// The handler manifest (TOML): which component handles which event
+    /// types, and where its migrations are.
+    #[arg(long, env = "EXACTLY_HANDLERS", default_value = "handlers.toml")]
+    handlers: PathBuf,
+
+    /// Maximum database connections in the pool (PostgreSQL; SQLite uses one
+    /// writer connection).
+    #[arg(long, env = "EXACTLY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    db_max_connections: u32,
+
+    /// PostgreSQL `statement_timeout` for every statement of an event.
+    #[arg(long, env = "EXACTLY_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    statement_timeout: Duration,
+
+    /// PostgreSQL `lock_timeout`: how long a redelivery waits behind a
+    /// concurrent first delivery of the same event before answering 503.
+    /// SQLite's `busy_timeout`.
+    #[arg(long, env = "EXACTLY_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    lock_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// Address to listen on. Defaults to `0.0.0.0:$PORT`, and `PORT` to 8080.
+    #[arg(long, env = "EXACTLY_LISTEN")]
+    listen: Option<SocketAddr>,
+
+    /// Port used when `--listen` is not given (Knative sets `PORT`).
+    #[arg(long, env = "PORT", default_value_t = 8080, hide = true)]
+    port: u16,
+
+    /// Do not apply migrations at start-up (run `exactly migrate` instead).
+    #[arg(long, env = "EXACTLY_NO_MIGRATE")]
+    no_migrate: bool,
+
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "EXACTLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+
+    /// Wall-clock deadline for one event's handler run.
+    #[arg(long, env = "EXACTLY_HANDLER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    handler_timeout: Duration,
+
+    /// Linear-memory cap of one handler instance, in MiB.
+    #[arg(long, env = "EXACTLY_HANDLER_MEMORY_MIB", default_value_t = 128)]
+    handler_memory_mib: u64,
+
+    /// How long in-flight events may take to finish after SIGTERM.
+    #[arg(long, env = "EXACTLY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+impl CommonArgs {
+    fn db_options(&self) -> DbOptions {
+        DbOptions {
+            url: self.database_url.clone(),
+            max_connections: self.db_max_connections,
+            statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Migrate(args) => migrate(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "exactly stopped");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(args: CommonArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&args.handlers)?;
+    let database = Database::connect(&args.db_options()).await?;
+    database.migrate(&manifest).await?;
+    tracing::info!(handlers = manifest.handlers.len(), "migrations applied");
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&args.common.handlers)?;
+    let limits = Limits {
+        deadline: args.handler_timeout,
+        memory_bytes: args
+            .handler_memory_mib
+            .checked_mul(1024 * 1024)
+            .context("--handler-memory-mib is too large")?,
+    };
+    // Compile before touching the database: a broken component should fail
+    // the start-up at once, not after a migration.
+    let runtime = Runtime::new(&manifest, limits)?;
+    let database = Database::connect(&args.common.db_options()).await?;
+    if !args.no_migrate {
+        database.migrate(&manifest).await?;
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.port)));
+    server::run(ServerConfig {
+        listen,
+        max_body_bytes: args.max_body_bytes,
+        shutdown_grace: args.shutdown_grace,
+        database,
+        runtime,
+    })
+    .await
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("EXACTLY_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

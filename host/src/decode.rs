@@ -1,0 +1,328 @@
+//! HTTP request → validated [`CloudEvent`].
+//!
+//! Binary mode (`ce-*` headers, percent-decoded as the HTTP binding
+//! requires) and structured mode (`application/cloudevents+json`, `data` or
+//! `data_base64`). `cloudevents-sdk` builds and validates the event; this
+//! module adds what it leaves out: percent-decoding, duplicate headers,
+//! extension-name rules, and error messages that name the problem. A
+//! `CloudEvent` that exists is valid: the next stage never re-checks it.
+
+use cloudevents::event::{AttributesReader, AttributesWriter, Data, ExtensionValue};
+use cloudevents::{EventBuilder, EventBuilderV10};
+use http::HeaderMap;
+use http::header::CONTENT_TYPE;
+use percent_encoding::percent_decode;
+use sha2::{Digest, Sha256};
+
+use crate::answer::Rejection;
+
+/// A delivered CloudEvent (spec version 1.0), attributes as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudEvent {
+    pub id: String,
+    pub source: String,
+    pub ty: String,
+    pub subject: Option<String>,
+    /// RFC 3339.
+    pub time: Option<String>,
+    pub datacontenttype: Option<String>,
+    pub dataschema: Option<String>,
+    /// Lower-case names, sorted.
+    pub extensions: Vec<(String, String)>,
+    pub data: Option<Vec<u8>>,
+}
+
+pub const SPEC_VERSION: &str = "1.0";
+const STRUCTURED: &str = "application/cloudevents+json";
+const BATCHED: &str = "application/cloudevents-batch+json";
+const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
+const OPTIONAL: [&str; 5] = ["datacontenttype", "dataschema", "subject", "time", "data"];
+
+/// Decodes a request into an event, or says precisely why it is not one.
+pub fn decode(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudEvent, Rejection> {
+    let content_type = match headers.get(CONTENT_TYPE) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| invalid("the Content-Type header is not visible ASCII"))?,
+        ),
+        None => None,
+    };
+    let media_type = content_type.map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    match media_type.as_deref() {
+        Some(BATCHED) => Err(invalid("batched mode (application/cloudevents-batch+json) is not supported; send one event per request")),
+        Some(STRUCTURED) => decode_structured(&body),
+        _ => decode_binary(headers, content_type, body),
+    }
+}
+
+fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>) -> Result<CloudEvent, Rejection> {
+    let mut required: [Option<String>; 4] = Default::default();
+    let mut builder = EventBuilderV10::new();
+    let mut extensions = Vec::new();
+    let mut dataschema = None;
+    for name in headers.keys() {
+        let Some(attribute) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        let mut values = headers.get_all(name).iter();
+        let raw = values.next().map(|v| v.as_bytes()).unwrap_or_default();
+        if values.next().is_some() {
+            return Err(invalid(format!("header {name} appears more than once")));
+        }
+        let value = percent_decode(raw)
+            .decode_utf8()
+            .map_err(|_| invalid(format!("header {name} is not UTF-8 after percent-decoding")))?
+            .into_owned();
+        if let Some(slot) = REQUIRED.iter().position(|r| *r == attribute) {
+            required[slot] = Some(value);
+            continue;
+        }
+        builder = match attribute {
+            "subject" => builder.subject(value),
+            "time" => builder.time(value),
+            "dataschema" => {
+                let url = url::Url::parse(&value)
+                    .map_err(|e| invalid(format!("attribute `dataschema` is not an absolute URI ({e})")))?;
+                dataschema = Some(url);
+                continue;
+            }
+            "datacontenttype" => {
+                return Err(invalid("binary mode carries datacontenttype in the Content-Type header, not ce-datacontenttype"));
+            }
+            "data" => return Err(invalid("`data` is not an attribute: send the payload as the body")),
+            _ => {
+                check_extension_name(attribute)?;
+                extensions.push((attribute.to_owned(), value));
+                continue;
+            }
+        };
+    }
+    let [specversion, id, source, ty] = required;
+    let specversion = specversion.ok_or_else(|| {
+        invalid("not a CloudEvent: missing required attribute `specversion` (header ce-specversion in binary mode, or Content-Type application/cloudevents+json for structured mode)")
+    })?;
+    check_spec_version(&specversion)?;
+    let id = id.ok_or_else(|| missing("id", "ce-id"))?;
+    let source = source.ok_or_else(|| missing("source", "ce-source"))?;
+    let ty = ty.ok_or_else(|| missing("type", "ce-type"))?;
+    check_required_values(&id, &source, &ty)?;
+    builder = builder.id(id).source(source).ty(ty);
+    let mut event = builder.build().map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
+    event.set_datacontenttype(content_type);
+    event.set_dataschema(dataschema);
+    if !body.is_empty() {
+        event.set_data_unchecked(Data::Binary(body));
+    }
+    for (name, value) in extensions {
+        event.set_extension(&name, value);
+    }
+    Ok(from_sdk(event))
+}
+
+fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({e})")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(invalid("malformed structured CloudEvent: the body is not a JSON object"));
+    };
+    for attribute in REQUIRED {
+        match map.get(attribute) {
+            None | Some(serde_json::Value::Null) => {
+                return Err(invalid(format!("not a CloudEvent: missing required attribute `{attribute}`")));
+            }
+            Some(serde_json::Value::String(_)) => {}
+            Some(_) => return Err(invalid(format!("attribute `{attribute}` must be a string"))),
+        }
+    }
+    let text = |key: &str| map.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+    check_spec_version(text("specversion"))?;
+    check_required_values(text("id"), text("source"), text("type"))?;
+    for name in map.keys() {
+        if !REQUIRED.contains(&name.as_str()) && !OPTIONAL.contains(&name.as_str()) && name != "data_base64" {
+            check_extension_name(name)?;
+        }
+    }
+    let event: cloudevents::Event = serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| invalid(format!("invalid structured CloudEvent: {e}")))?;
+    Ok(from_sdk(event))
+}
+
+fn from_sdk(event: cloudevents::Event) -> CloudEvent {
+    let mut extensions: Vec<(String, String)> = event
+        .iter_extensions()
+        .map(|(name, value)| {
+            let value = match value {
+                ExtensionValue::String(s) => s.clone(),
+                ExtensionValue::Boolean(b) => b.to_string(),
+                ExtensionValue::Integer(i) => i.to_string(),
+            };
+            (name.to_owned(), value)
+        })
+        .collect();
+    extensions.sort();
+    let data = event.data().map(|data| match data {
+        Data::Binary(bytes) => bytes.clone(),
+        Data::String(text) => text.clone().into_bytes(),
+        Data::Json(value) => value.to_string().into_bytes(),
+    });
+    CloudEvent {
+        id: event.id().to_owned(),
+        source: event.source().to_string(),
+        ty: event.ty().to_owned(),
+        subject: event.subject().map(str::to_owned),
+        time: event.time().map(|t| t.to_rfc3339()),
+        datacontenttype: event.datacontenttype().map(str::to_owned),
+        dataschema: event.dataschema().map(|u| u.to_string()),
+        extensions,
+        data,
+    }
+}
+
+impl CloudEvent {
+    /// What makes two deliveries "the same event": type, subject, data and
+    /// its description. `time` and extensions are left out on purpose: a
+    /// producer's retry may restamp them (Knative adds arrival-time
+    /// extensions), and that is still the same event. JSON data is hashed in
+    /// canonical form so binary and structured deliveries of one event match.
+    pub fn payload_sha256(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        let mut field = |value: Option<&[u8]>| match value {
+            None => hasher.update([0u8]),
+            Some(bytes) => {
+                hasher.update([1u8]);
+                hasher.update((bytes.len() as u64).to_be_bytes());
+                hasher.update(bytes);
+            }
+        };
+        field(Some(self.ty.as_bytes()));
+        field(self.subject.as_deref().map(str::as_bytes));
+        field(self.datacontenttype.as_deref().map(str::as_bytes));
+        field(self.dataschema.as_deref().map(str::as_bytes));
+        let canonical = self.data.as_deref().and_then(|bytes| {
+            serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .map(|v| v.to_string().into_bytes())
+        });
+        field(canonical.as_deref().or(self.data.as_deref()));
+        hasher.finalize().into()
+    }
+}
+
+fn check_spec_version(version: &str) -> Result<(), Rejection> {
+    if version == SPEC_VERSION {
+        Ok(())
+    } else {
+        Err(invalid(format!("unsupported specversion {version:?}: exactly accepts CloudEvents 1.0")))
+    }
+}
+
+fn check_required_values(id: &str, source: &str, ty: &str) -> Result<(), Rejection> {
+    for (name, value) in [("id", id), ("source", source), ("type", ty)] {
+        if value.is_empty() {
+            return Err(invalid(format!("attribute `{name}` must not be empty")));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(invalid(format!("attribute `{name}` contains control characters")));
+        }
+    }
+    Ok(())
+}
+
+/// CloudEvents 1.0: extension names are lower-case ASCII letters and digits.
+fn check_extension_name(name: &str) -> Result<(), Rejection> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid extension attribute name {name:?}: CloudEvents names are lower-case letters and digits only"
+        )))
+    }
+}
+
+fn missing(attribute: &str, header: &str) -> Rejection {
+    invalid(format!("not a CloudEvent: missing required attribute `{attribute}` (header {header})"))
+}
+
+fn invalid(message: impl Into<String>) -> Rejection {
+    Rejection::InvalidEvent(message.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn binary(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    const MINIMAL: [(&str, &str); 4] = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "1"),
+        ("ce-source", "urn%3Aorders"),
+        ("ce-type", "order.created"),
+    ];
+
+    #[test]
+    fn binary_mode_percent_decodes_attributes() {
+        let event = decode(&binary(&MINIMAL), b"{}".to_vec()).unwrap();
+        assert_eq!(event.source, "urn:orders");
+        assert_eq!(event.data.as_deref(), Some(&b"{}"[..]));
+    }
+
+    #[test]
+    fn binary_mode_names_the_missing_attribute() {
+        for skip in 0..4 {
+            let pairs: Vec<_> = MINIMAL.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, p)| *p).collect();
+            let Err(Rejection::InvalidEvent(message)) = decode(&binary(&pairs), vec![]) else {
+                panic!("accepted an event without {}", MINIMAL[skip].0);
+            };
+            let attribute = MINIMAL[skip].0.trim_start_matches("ce-");
+            assert!(message.contains(&format!("`{attribute}`")), "{message}");
+        }
+    }
+
+    #[test]
+    fn duplicate_headers_and_bad_extension_names_are_refused() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("ce-id", "2"));
+        assert!(decode(&binary(&pairs), vec![]).is_err());
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("ce-my_ext", "x"));
+        assert!(decode(&binary(&pairs), vec![]).is_err());
+    }
+
+    #[test]
+    fn structured_and_binary_deliveries_hash_alike() {
+        let mut headers = binary(&MINIMAL);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let from_binary = decode(&headers, br#"{"b": 1, "a": [1, 2]}"#.to_vec()).unwrap();
+        let structured = br#"{"specversion":"1.0","id":"1","source":"urn:orders","type":"order.created",
+            "datacontenttype":"application/json","data":{"a":[1,2],"b":1}}"#;
+        let headers = binary(&[("content-type", STRUCTURED)]);
+        let from_structured = decode(&headers, structured.to_vec()).unwrap();
+        assert_eq!(from_binary.payload_sha256(), from_structured.payload_sha256());
+        let mut changed = from_structured.clone();
+        changed.data = Some(br#"{"a":[1,2],"b":2}"#.to_vec());
+        assert_ne!(changed.payload_sha256(), from_structured.payload_sha256());
+    }
+
+    #[test]
+    fn structured_mode_reports_bad_json_and_missing_attributes() {
+        let headers = binary(&[("content-type", "application/cloudevents+json; charset=utf-8")]);
+        let Err(Rejection::InvalidEvent(m)) = decode(&headers, b"{not json".to_vec()) else { panic!() };
+        assert!(m.contains("JSON"), "{m}");
+        let Err(Rejection::InvalidEvent(m)) = decode(&headers, br#"{"specversion":"1.0","id":"1","type":"t"}"#.to_vec()) else { panic!() };
+        assert!(m.contains("`source`"), "{m}");
+        let body = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data_base64":"!!"}"#;
+        assert!(decode(&headers, body.to_vec()).is_err());
+    }
+}

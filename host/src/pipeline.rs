@@ -1,0 +1,146 @@
+//! The dedup transaction: one event, one transaction.
+//!
+//! ```text
+//! BEGIN
+//! claim (source, id)  ── already committed? ─▶ ROLLBACK; replay its answer
+//!   │                                          (or 422 if the payload differs)
+//! run the handler in the same transaction
+//!   │ any failure ─▶ ROLLBACK: nothing of the event remains
+//! store the answer on the claim row (proves the transaction is alive)
+//! COMMIT ─▶ answer
+//! ```
+//!
+//! What it guarantees to the server: an `Ok` answer means the claim, the
+//! handler's effects and the stored answer are committed together; an
+//! `Err` means none of them are.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::answer::{Committed, Rejection, ReplyEvent};
+use crate::decode::CloudEvent;
+use crate::policy::Policy;
+use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
+use crate::runtime::{LoadedHandler, Runtime};
+use crate::storage::{Claim, Database};
+
+/// Namespace of reply ids: `uuid5(REPLY_NAMESPACE, source + "\n" + id)`.
+const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_0a6e_2b7c_4c1e_9a43_e8a7_c7d3_b001);
+
+pub struct Pipeline {
+    pub database: Database,
+    runtime: Runtime,
+    policy: Arc<Policy>,
+}
+
+/// A processed event's answer, and whether it is a replay.
+pub struct Processed {
+    pub answer: Committed,
+    pub replay: bool,
+    pub handler: String,
+}
+
+impl Pipeline {
+    pub fn new(database: Database, runtime: Runtime) -> Self {
+        let policy = Arc::new(Policy::new(database.backend()));
+        Pipeline { database, runtime, policy }
+    }
+
+    pub async fn process(&self, event: &CloudEvent) -> Result<Processed, Rejection> {
+        let handler = self
+            .runtime
+            .route(&event.ty)
+            .ok_or_else(|| Rejection::NoHandler(event.ty.clone()))?;
+        let payload_sha256 = event.payload_sha256();
+        let mut tx = self.database.begin().await?;
+        match tx.claim(event, &handler.name, &payload_sha256).await {
+            Ok(Claim::Owned) => {}
+            Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
+                tx.rollback().await;
+                if stored != payload_sha256 {
+                    return Err(Rejection::KeyReused { event_source: event.source.clone(), id: event.id.clone() });
+                }
+                return Ok(Processed { answer, replay: true, handler: handler.name.clone() });
+            }
+            Err(rejection) => {
+                tx.rollback().await;
+                return Err(rejection);
+            }
+        }
+
+        let (tx, verdict) = self.runtime.run(handler, event, tx, self.policy.clone()).await;
+        let Some(mut tx) = tx else {
+            return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
+        };
+        let prepared = verdict.and_then(|outcome| prepare_answer(handler, event, outcome));
+        let (answer, result) = match prepared {
+            Ok(prepared) => prepared,
+            Err(rejection) => {
+                tx.rollback().await;
+                return Err(rejection);
+            }
+        };
+        if let Err(rejection) = tx.store_answer(event, &answer, &result).await {
+            tx.rollback().await;
+            return Err(rejection);
+        }
+        tx.commit().await?;
+        Ok(Processed { answer, replay: false, handler: handler.name.clone() })
+    }
+}
+
+/// Turns the handler's outcome into the answer to store: 202 and no body,
+/// or 200 and the reply event with its deterministic id.
+fn prepare_answer(handler: &LoadedHandler, event: &CloudEvent, outcome: Outcome) -> Result<(Committed, String), Rejection> {
+    let bad = |message: String| Rejection::BadOutcome { handler: handler.name.clone(), message };
+    serde_json::from_str::<serde::de::IgnoredAny>(&outcome.result)
+        .map_err(|e| bad(format!("the result is not JSON: {e}")))?;
+    let answer = match outcome.reply {
+        None => Committed { status: 202, reply: None },
+        Some(reply) => Committed { status: 200, reply: Some(reply_event(handler, event, reply).map_err(bad)?) },
+    };
+    Ok((answer, outcome.result))
+}
+
+fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent) -> Result<ReplyEvent, String> {
+    if reply.type_.is_empty() || reply.type_.chars().any(char::is_control) {
+        return Err(format!("reply type {:?} is empty or has control characters", reply.type_));
+    }
+    for (name, _) in &reply.extensions {
+        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let reserved = ["id", "source", "type", "specversion", "subject", "time", "datacontenttype", "dataschema", "data"]
+            .contains(&name.as_str());
+        if !valid || reserved {
+            return Err(format!("reply extension name {name:?} is not a valid CloudEvents extension name"));
+        }
+    }
+    Ok(ReplyEvent {
+        id: reply_id(&event.source, &event.id).to_string(),
+        source: reply.source.unwrap_or_else(|| format!("/exactly/{}", handler.name)),
+        ty: reply.type_,
+        subject: reply.subject,
+        time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        datacontenttype: reply.datacontenttype.unwrap_or_else(|| "application/json".into()),
+        extensions: reply.extensions,
+        data: reply.data,
+    })
+}
+
+/// The reply's id depends only on the incoming `(source, id)`: a consumer
+/// downstream can deduplicate replies the same way `exactly` deduplicates
+/// events.
+pub fn reply_id(source: &str, id: &str) -> Uuid {
+    Uuid::new_v5(&REPLY_NAMESPACE, format!("{source}\n{id}").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_ids_are_deterministic_and_distinct() {
+        assert_eq!(reply_id("s", "1"), reply_id("s", "1"));
+        assert_ne!(reply_id("s", "1"), reply_id("s", "2"));
+    }
+}

@@ -1,0 +1,93 @@
+//! The `tx` import: a handler's only way to the database.
+//!
+//! Every call runs on the event's open transaction, after the statement
+//! policy admitted it. The first failed or refused statement dooms the
+//! event: the handler is told, later statements are answered with an error
+//! without reaching the database, and nothing of the event commits. This is
+//! the same on both backends, so a handler tried on SQLite behaves the same
+//! on PostgreSQL, where a failed statement aborts the transaction anyway.
+
+use super::bindings::exactly::handler::tx::Host;
+use super::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
+use super::{Doom, EventState};
+use crate::convert::{StatementError, StatementOutput};
+
+impl EventState {
+    async fn statement(&mut self, sql: String, params: Vec<Value>, want_rows: bool) -> Result<StatementOutput, DbError> {
+        if let Some(doom) = &self.doom {
+            return Err(DbError {
+                kind: DbErrorKind::Failed,
+                code: Some("25P02".into()),
+                message: format!(
+                    "an earlier statement of this event failed ({}); nothing more runs in its transaction",
+                    doom.describe()
+                ),
+            });
+        }
+        let admitted = match self.policy.check(&sql) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                let message = format!("refused {:?}: {reason}", shorten(&sql));
+                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{message}");
+                self.doom = Some(Doom::Refused(message.clone()));
+                return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
+            }
+        };
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(DbError { kind: DbErrorKind::Failed, code: None, message: "no open transaction".into() });
+        };
+        match tx.run_handler_statement(admitted, params, want_rows).await {
+            Ok(output) => Ok(output),
+            Err(StatementError { error, host_fault }) => {
+                tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
+                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", error.message);
+                self.doom = Some(match host_fault {
+                    Some(rejection) => Doom::HostFault(rejection),
+                    None => Doom::Failed(error.message.clone()),
+                });
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Doom {
+    fn describe(&self) -> String {
+        match self {
+            Doom::Refused(message) | Doom::Failed(message) => message.clone(),
+            Doom::HostFault(rejection) => rejection.to_string(),
+        }
+    }
+}
+
+impl Host for EventState {
+    async fn query(&mut self, sql: String, params: Vec<Value>) -> Result<Rows, DbError> {
+        match self.statement(sql, params, true).await? {
+            StatementOutput::Rows(rows) => Ok(rows),
+            StatementOutput::Affected(_) => Ok(Rows { columns: Vec::new(), rows: Vec::new() }),
+        }
+    }
+
+    async fn execute(&mut self, sql: String, params: Vec<Value>) -> Result<u64, DbError> {
+        match self.statement(sql, params, false).await? {
+            StatementOutput::Affected(n) => Ok(n),
+            StatementOutput::Rows(rows) => Ok(rows.rows.len() as u64),
+        }
+    }
+
+    async fn backend(&mut self) -> String {
+        self.policy.backend().name().to_owned()
+    }
+}
+
+fn shorten(sql: &str) -> String {
+    const MAX: usize = 200;
+    if sql.len() <= MAX {
+        return sql.to_owned();
+    }
+    let mut end = MAX;
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &sql[..end])
+}
