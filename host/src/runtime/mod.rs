@@ -242,7 +242,7 @@ fn to_wit_event(event: &CloudEvent) -> types::Event {
 /// message arrives on stderr), so the dead-lettered event says why.
 fn describe_trap(error: &wasmtime::Error, printed: &[u8]) -> String {
     let mut message = match error.downcast_ref::<Trap>() {
-        Some(trap) => format!("wasm trap: {trap}"),
+        Some(trap) => trap.to_string(),
         None => format!("{error:#}"),
     };
     let text = String::from_utf8_lossy(printed);
