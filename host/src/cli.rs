@@ -82,7 +82,7 @@ struct ServeArgs {
     listen: Option<SocketAddr>,
 
     /// Port used when `--listen` is not given (Knative sets `PORT`).
-    #[arg(long, env = "PORT", default_value_t = 8080, hide = true)]
+    #[arg(long, env = "PORT", default_value_t = 8080)]
     port: u16,
 
     /// Do not apply migrations at start-up (run `exactly migrate` instead).
@@ -159,6 +159,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .handler_memory_mib
             .checked_mul(1024 * 1024)
             .context("--handler-memory-mib is too large")?,
+        concurrent_runs: args.common.db_max_connections,
     };
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -43,6 +45,10 @@ use bindings::{Handler, HandlerPre};
 pub struct Limits {
     pub deadline: Duration,
     pub memory_bytes: u64,
+    /// How many events can run a handler at once. A run needs a database
+    /// connection, so the pool size bounds it; the instance pool is sized
+    /// from it.
+    pub concurrent_runs: u32,
 }
 
 /// How often the epoch advances; a running guest yields at each tick so the
@@ -99,10 +105,7 @@ impl Runtime {
     /// host's imports. Any component that cannot be loaded, or that imports
     /// something the host does not provide, stops the start-up here.
     pub fn new(manifest: &Manifest, limits: Limits) -> anyhow::Result<Runtime> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config(&limits))?;
 
         let mut linker: Linker<EventState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -205,6 +208,29 @@ impl Runtime {
         };
         (tx, verdict)
     }
+}
+
+/// The engine: epoch interruption for deadlines, and a pooling instance
+/// allocator so a fresh instance per event costs a few microseconds (its
+/// memory slots are reserved once and reused).
+fn engine_config(limits: &Limits) -> Config {
+    let slots = limits.concurrent_runs.saturating_add(4);
+    let mut pooling = PoolingAllocationConfig::new();
+    pooling
+        .total_component_instances(slots)
+        // A Rust component holds a few core instances (the program and the
+        // adapter shims), one memory and a few tables.
+        .total_core_instances(slots.saturating_mul(8))
+        .total_memories(slots.saturating_mul(2))
+        .total_tables(slots.saturating_mul(8))
+        .total_stacks(slots)
+        .max_memory_size(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX));
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    config
 }
 
 /// Decides the event from the handler's own result and the statements it
