@@ -1,0 +1,21 @@
+//! `exactly`: an exactly-once CloudEvent sink that runs event handlers as
+//! sandboxed WebAssembly components.
+//!
+//! An event travels through one module per stage:
+//! [`decode`] (HTTP → validated CloudEvent) → [`manifest`] routing (type →
+//! handler) → [`pipeline`] (the dedup transaction: claim, run, store, commit)
+//! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
+//! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
+//! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
+//! [`server`] wires HTTP, [`cli`] the command line.
+
+pub mod answer;
+pub mod cli;
+pub mod convert;
+pub mod decode;
+pub mod manifest;
+pub mod pipeline;
+pub mod policy;
+pub mod runtime;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,490 @@
+//! Finding, starting and stopping the real `exactly` binary.
+//!
+//! [`TestEnv`] is what a test owns before the host runs: a temporary
+//! folder, a fresh database and a handler manifest with absolute paths.
+//! [`TestEnv::serve`] turns it into a [`TestApp`]: `exactly serve` on
+//! `127.0.0.1:0`, ready once it printed its address, killed when the test
+//! ends. Its stderr (the logs) goes to a file in the temporary folder; when a
+//! test fails, the tail is printed and the folder kept.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::answer::Answer;
+use crate::backend::{Backend, Db, TestDatabase};
+use crate::event::{Event, STRUCTURED_CONTENT_TYPE};
+
+/// How long `exactly serve` may take to migrate, compile the components
+/// and bind (a debug build compiles wasm slowly).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Upper bound for one HTTP exchange or one `exactly migrate`, so that a
+/// hung host fails the test instead of hanging the suite.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What `exactly serve` prints on stdout once it accepts connections.
+const LISTENING_PREFIX: &str = "exactly listening on ";
+
+/// The repository's root folder (this crate lives in `<repo>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate lives in <repo>/tests")
+        .to_path_buf()
+}
+
+/// The `exactly` binary: `$EXACTLY_BIN`, or `<target>/debug/exactly` next to
+/// the folder that holds this test executable (`<target>/debug/deps`).
+pub fn exactly_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("EXACTLY_BIN").filter(|path| !path.is_empty()) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "EXACTLY_BIN={} does not exist",
+            path.display()
+        );
+        return path;
+    }
+    let test_executable = std::env::current_exe().expect("the test executable's path");
+    let path = test_executable
+        .parent() // <target>/debug/deps
+        .and_then(Path::parent) // <target>/debug
+        .map(|debug| debug.join(format!("exactly{}", std::env::consts::EXE_SUFFIX)))
+        .expect("the test executable lives in <target>/debug/deps");
+    assert!(
+        path.is_file(),
+        "the exactly binary {} does not exist: run scripts/test, which builds it \
+         (or build it with `cargo build -p exactly`, or point EXACTLY_BIN at one)",
+        path.display()
+    );
+    path
+}
+
+/// One handler in the manifest handed to `--handlers`.
+#[derive(Clone, Debug)]
+pub struct HandlerEntry {
+    pub name: String,
+    pub component: PathBuf,
+    pub types: Vec<String>,
+    pub migrations: PathBuf,
+}
+
+impl HandlerEntry {
+    fn from_repo(name: &str, migrations: &str, types: &[&str]) -> HandlerEntry {
+        let root = repo_root();
+        HandlerEntry {
+            name: name.to_owned(),
+            component: root.join("dist").join(format!("{name}.wasm")),
+            types: types.iter().map(|type_| (*type_).to_owned()).collect(),
+            migrations: root.join(migrations),
+        }
+    }
+}
+
+/// The handlers every test runs with: the two example handlers and the
+/// testkit, whose event types each trigger one behaviour of the host.
+pub fn standard_handlers() -> Vec<HandlerEntry> {
+    vec![
+        HandlerEntry::from_repo(
+            "order-created",
+            "handlers/order-created/migrations",
+            &["order.created"],
+        ),
+        HandlerEntry::from_repo(
+            "order-payment",
+            "handlers/order-payment/migrations",
+            &["order.payment"],
+        ),
+        HandlerEntry::from_repo(
+            "testkit",
+            "tests/handlers/testkit/migrations",
+            &[
+                "test.count",
+                "test.flaky",
+                "test.permanent",
+                "test.panic",
+                "test.commit",
+                "test.commit-multi",
+                "test.swallow",
+                "test.emit",
+                "test.sleep",
+                "test.echo",
+            ],
+        ),
+    ]
+}
+
+/// The manifest's TOML, every path absolute.
+pub fn manifest_toml(handlers: &[HandlerEntry]) -> String {
+    let mut toml = String::new();
+    for handler in handlers {
+        let types: Vec<String> = handler
+            .types
+            .iter()
+            .map(|type_| toml_string(type_))
+            .collect();
+        toml.push_str(&format!(
+            "[[handler]]\nname = {}\ncomponent = {}\ntypes = [{}]\nmigrations = {}\n\n",
+            toml_string(&handler.name),
+            toml_string(&handler.component.display().to_string()),
+            types.join(", "),
+            toml_string(&handler.migrations.display().to_string()),
+        ));
+    }
+    toml
+}
+
+/// A TOML basic string.
+fn toml_string(value: &str) -> String {
+    let mut quoted = String::from("\"");
+    for character in value.chars() {
+        match character {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            character if character.is_control() => {
+                quoted.push_str(&format!("\\u{:04X}", character as u32))
+            }
+            character => quoted.push(character),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// Everything a test owns before the host starts: a temporary folder, a
+/// fresh database and the handler manifest.
+pub struct TestEnv {
+    // Field order is drop order: the database goes before its folder.
+    database: TestDatabase,
+    manifest: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// A fresh database on `backend` and the standard manifest.
+    pub async fn new(backend: Backend) -> TestEnv {
+        TestEnv::with_handlers(backend, standard_handlers()).await
+    }
+
+    pub async fn with_handlers(backend: Backend, handlers: Vec<HandlerEntry>) -> TestEnv {
+        for handler in &handlers {
+            assert!(
+                handler.component.is_file(),
+                "the component {} is missing: run scripts/test (or scripts/build-handlers), \
+                 which builds dist/*.wasm",
+                handler.component.display()
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("exactly-e2e-")
+            .tempdir()
+            .expect("a temporary folder");
+        let manifest = dir.path().join("handlers.toml");
+        std::fs::write(&manifest, manifest_toml(&handlers)).expect("write the manifest");
+        let database = TestDatabase::create(backend, dir.path()).await;
+        TestEnv {
+            database,
+            manifest,
+            dir,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.database.backend()
+    }
+
+    pub fn database_url(&self) -> &str {
+        self.database.url()
+    }
+
+    pub fn manifest(&self) -> &Path {
+        &self.manifest
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Connects to the test's database (after the host migrated it).
+    pub async fn connect(&self) -> Db {
+        self.database.connect().await
+    }
+
+    /// The `exactly` command with the environment a test wants: no
+    /// `DATABASE_URL` or `PORT` inherited (the flags say everything).
+    fn exactly(&self) -> Command {
+        let mut command = Command::new(exactly_binary());
+        command
+            .env_remove("DATABASE_URL")
+            .env_remove("PORT")
+            .env("NO_COLOR", "1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `exactly migrate` to the end.
+    pub async fn migrate(&self) -> Output {
+        let mut command = self.exactly();
+        command
+            .arg("migrate")
+            .arg("--database-url")
+            .arg(self.database_url())
+            .arg("--handlers")
+            .arg(self.manifest());
+        tokio::time::timeout(REQUEST_TIMEOUT, command.output())
+            .await
+            .expect("exactly migrate did not finish within a minute")
+            .expect("run exactly migrate")
+    }
+
+    /// Starts `exactly serve` on a free port and waits until it listens.
+    pub async fn serve(self) -> TestApp {
+        let stderr_path = self.dir.path().join("exactly.stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("create the stderr log");
+        let mut command = self.exactly();
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--database-url")
+            .arg(self.database_url())
+            .arg("--handlers")
+            .arg(self.manifest())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {}: {error}", exactly_binary().display()));
+
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let waited = tokio::time::timeout(STARTUP_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.ok().flatten() {
+                if let Some(address) = line.trim().strip_prefix(LISTENING_PREFIX) {
+                    return Some(address.trim_end_matches('/').to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        let address = match waited {
+            Ok(Some(address)) => address,
+            Ok(None) => {
+                let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                panic!(
+                    "exactly serve closed its stdout without printing `{LISTENING_PREFIX}http://…` \
+                     (exit: {status:?}); its stderr:\n{}",
+                    tail(&stderr_path, 200)
+                );
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                panic!(
+                    "exactly serve did not print `{LISTENING_PREFIX}http://…` within {}s; its stderr:\n{}",
+                    STARTUP_TIMEOUT.as_secs(),
+                    tail(&stderr_path, 200)
+                );
+            }
+        };
+        // Keep draining stdout so that the host never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("an HTTP client");
+        let db = self.connect().await;
+        TestApp {
+            address,
+            client,
+            db,
+            stderr_path,
+            child,
+            env: self,
+        }
+    }
+}
+
+/// A running `exactly serve` with its own database, and a client for both.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`, as the host printed it.
+    pub address: String,
+    pub client: reqwest::Client,
+    /// The test's own connection to the host's database.
+    pub db: Db,
+    stderr_path: PathBuf,
+    child: Child,
+    env: TestEnv,
+}
+
+/// A row of the host's table of committed events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessedEvent {
+    pub type_: String,
+    /// The HTTP status that was answered (and is replayed).
+    pub status: u16,
+}
+
+impl TestApp {
+    /// `exactly serve` with the standard handlers on a fresh database.
+    pub async fn spawn(backend: Backend) -> TestApp {
+        TestEnv::new(backend).await.serve().await
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.env.backend()
+    }
+
+    /// POSTs a request to `/` as the Knative dispatcher would.
+    pub async fn post(&self, headers: &[(String, String)], body: Vec<u8>) -> Answer {
+        let mut request = self.client.post(format!("{}/", self.address));
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = request.body(body).send().await.unwrap_or_else(|error| {
+            panic!("POST {}: {error}\n{}", self.address, self.stderr_tail())
+        });
+        Answer::read(response).await
+    }
+
+    /// Delivers `event` in binary mode (`ce-*` headers, data as the body).
+    pub async fn send_binary(&self, event: &Event) -> Answer {
+        self.post(&event.binary_headers(), event.data_bytes()).await
+    }
+
+    /// Delivers `event` in structured mode (one CloudEvents JSON document).
+    pub async fn send_structured(&self, event: &Event) -> Answer {
+        let headers = [(
+            "content-type".to_owned(),
+            STRUCTURED_CONTENT_TYPE.to_owned(),
+        )];
+        self.post(&headers, event.structured_body()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        let url = format!("{}{path}", self.address);
+        let response = self
+            .client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("GET {url}: {error}\n{}", self.stderr_tail()));
+        Answer::read(response).await
+    }
+
+    /// The host's record of `(source, id)`: present iff the event committed.
+    pub async fn processed(&self, source: &str, id: &str) -> Option<ProcessedEvent> {
+        let sql = format!(
+            r#"SELECT CAST("type" AS TEXT), CAST(status AS TEXT) FROM {} WHERE source = $1 AND id = $2"#,
+            self.backend().processed_events_table()
+        );
+        let mut rows = self.db.rows(&sql, &[source, id]).await;
+        assert!(
+            rows.len() <= 1,
+            "(source, id) must be unique in {sql}: {rows:?}"
+        );
+        let row = rows.pop()?;
+        let [type_, status] = <[Option<String>; 2]>::try_from(row).expect("two columns");
+        let status = status.expect("status is not NULL");
+        Some(ProcessedEvent {
+            type_: type_.expect("type is not NULL"),
+            status: status
+                .parse()
+                .unwrap_or_else(|_| panic!("status {status:?} is not an HTTP status")),
+        })
+    }
+
+    /// [`TestApp::processed`] for an event the test sent.
+    pub async fn processed_event(&self, event: &Event) -> Option<ProcessedEvent> {
+        self.processed(&event.source, &event.id).await
+    }
+
+    /// How many events the host committed in all.
+    pub async fn processed_count(&self) -> i64 {
+        let sql = format!(
+            "SELECT count(*) FROM {}",
+            self.backend().processed_events_table()
+        );
+        self.db.integer(&sql, &[]).await
+    }
+
+    /// How often a testkit handler run for `event` committed: every run
+    /// inserts one `test_effects` row before doing anything else.
+    pub async fn effects(&self, event: &Event) -> i64 {
+        self.db
+            .integer(
+                "SELECT count(*) FROM test_effects WHERE event_source = $1 AND event_id = $2",
+                &[&event.source, &event.id],
+            )
+            .await
+    }
+
+    /// The last lines the host logged.
+    pub fn stderr_tail(&self) -> String {
+        tail(&self.stderr_path, 80)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the last lines of exactly's stderr ({}) ---\n{}\n--- end of exactly's stderr ---",
+                self.stderr_path.display(),
+                self.stderr_tail()
+            );
+            // Keep the folder (log, manifest, SQLite file) for inspection.
+            self.env.dir.disable_cleanup(true);
+            eprintln!("kept the test folder {}", self.env.dir.path().display());
+        }
+    }
+}
+
+/// The last `lines` lines of a file, or why it could not be read.
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            if all.is_empty() {
+                "(empty)".to_owned()
+            } else {
+                all[start..].join("\n")
+            }
+        }
+        Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_lists_every_handler_with_absolute_paths() {
+        let toml = manifest_toml(&standard_handlers());
+        assert_eq!(toml.matches("[[handler]]").count(), 3);
+        assert!(toml.contains("name = \"order-created\""));
+        assert!(toml.contains("types = [\"order.payment\"]"));
+        assert!(toml.contains("\"test.commit-multi\""));
+        let root = repo_root().display().to_string();
+        assert!(toml.contains(&format!("component = \"{root}/dist/testkit.wasm\"")));
+        assert!(toml.contains(&format!(
+            "migrations = \"{root}/tests/handlers/testkit/migrations\""
+        )));
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+}

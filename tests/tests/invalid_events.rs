@@ -1,0 +1,82 @@
+//! Requests that are not events the host can take: answered 4xx (straight
+//! to the dead-letter sink), and nothing is stored.
+
+use exactly_e2e::{Backend, Event, TestApp, both_backends, json};
+
+both_backends!(
+    missing_required_attribute_is_rejected,
+    malformed_structured_json_is_rejected,
+    unknown_type_is_rejected_not_marked,
+    body_over_the_limit_is_rejected,
+);
+
+async fn missing_required_attribute_is_rejected(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.count").with_data(json!({"n": 1}));
+
+    for attribute in ["id", "source", "type", "specversion"] {
+        let header = format!("ce-{attribute}");
+        let headers: Vec<(String, String)> = event
+            .binary_headers()
+            .into_iter()
+            .filter(|(name, _)| *name != header)
+            .collect();
+        let answer = app.post(&headers, event.data_bytes()).await;
+        let error = answer.assert_error(400, "invalid-event");
+        assert!(
+            error.message.to_lowercase().contains(attribute),
+            "the message names the missing `{attribute}`:\n{answer}"
+        );
+    }
+
+    assert_eq!(app.effects(&event).await, 0);
+    assert_eq!(app.processed_count().await, 0);
+}
+
+async fn malformed_structured_json_is_rejected(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let headers = [(
+        "content-type".to_owned(),
+        "application/cloudevents+json".to_owned(),
+    )];
+    let truncated =
+        br#"{"specversion": "1.0", "id": "1", "source": "urn:x", "type": "test.count", "data": {"#;
+
+    let answer = app.post(&headers, truncated.to_vec()).await;
+    let error = answer.assert_error(400, "invalid-event");
+    assert!(
+        error.message.to_lowercase().contains("json"),
+        "the message says the JSON is malformed:\n{answer}"
+    );
+    assert_eq!(app.processed_count().await, 0);
+}
+
+async fn unknown_type_is_rejected_not_marked(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.nobody-handles-this");
+
+    // Dead-lettered (not lost, unlike the seed which marked it processed).
+    app.send_binary(&event)
+        .await
+        .assert_error(422, "no-handler");
+    assert_eq!(app.processed_event(&event).await, None);
+    app.send_binary(&event)
+        .await
+        .assert_error(422, "no-handler");
+    assert_eq!(app.processed_count().await, 0);
+}
+
+async fn body_over_the_limit_is_rejected(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // A JSON string just over 1 MiB (the default limit) as the data.
+    let event = Event::new("test.echo").with_data(json!("x".repeat(1024 * 1024 + 1024)));
+    assert!(event.data_bytes().len() > 1024 * 1024);
+
+    app.send_binary(&event).await.assert_status(413);
+    assert_eq!(app.processed_count().await, 0);
+    assert_eq!(app.effects(&event).await, 0);
+
+    // The host still takes events of a normal size.
+    let small = Event::new("test.echo");
+    app.send_binary(&small).await.assert_processed();
+}
