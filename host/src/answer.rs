@@ -44,6 +44,8 @@ pub enum Rejection {
     Trap { handler: String, message: String },
     #[error("handler {handler} exceeded its deadline of {seconds:.3}s")]
     Deadline { handler: String, seconds: f64 },
+    #[error("handler {handler} hit its {} limit: {message}", limit.describe())]
+    Limit { handler: String, limit: LimitKind, message: String },
     #[error("handler {handler} ignored a failed statement and returned Ok; nothing was committed: {message}")]
     StatementFailed { handler: String, message: String },
 
@@ -67,7 +69,7 @@ impl Rejection {
             KeyReused { .. } | NoHandler(_) | Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Retryable { .. } | Trap { .. } | Deadline { .. } | StatementFailed { .. } | Internal(_) => {
+            Retryable { .. } | Trap { .. } | Deadline { .. } | Limit { .. } | StatementFailed { .. } | Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             DatabaseUnavailable(_) | Busy(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -89,6 +91,7 @@ impl Rejection {
             Retryable { .. } => "retryable",
             Trap { .. } => "trap",
             Deadline { .. } => "deadline",
+            Limit { limit, .. } => limit.code(),
             StatementFailed { .. } => "statement-failed",
             DatabaseUnavailable(_) => "database-unavailable",
             Busy(_) => "busy",
@@ -105,6 +108,45 @@ impl Rejection {
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         response
+    }
+}
+
+/// A sandbox limit other than the deadline. Hitting one rolls the event
+/// back and answers 500: the broker retries, then dead-letters it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Memory,
+    Fuel,
+    StatementTimeout,
+    Rows,
+    ResultBytes,
+    Statements,
+    LogVolume,
+}
+
+impl LimitKind {
+    pub fn code(self) -> &'static str {
+        match self {
+            LimitKind::Memory => "memory-limit",
+            LimitKind::Fuel => "fuel-exhausted",
+            LimitKind::StatementTimeout => "statement-timeout",
+            LimitKind::Rows => "too-many-rows",
+            LimitKind::ResultBytes => "result-too-large",
+            LimitKind::Statements => "too-many-statements",
+            LimitKind::LogVolume => "log-limit",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            LimitKind::Memory => "memory",
+            LimitKind::Fuel => "fuel",
+            LimitKind::StatementTimeout => "statement timeout",
+            LimitKind::Rows => "rows-per-query",
+            LimitKind::ResultBytes => "bytes-per-query",
+            LimitKind::Statements => "statements-per-event",
+            LimitKind::LogVolume => "log volume",
+        }
     }
 }
 

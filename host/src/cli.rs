@@ -3,7 +3,9 @@
 //! Every flag has an environment fallback so the same binary runs unchanged
 //! as a Knative Service (configuration by environment) and on a laptop.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,7 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::manifest::Manifest;
 use crate::runtime::{Limits, Runtime};
 use crate::server::{self, ServerConfig};
-use crate::storage::{Database, DbOptions};
+use crate::policy::Policy;
+use crate::storage::{Backend, Database, DbOptions, handler_tables};
 
 #[derive(Parser, Debug)]
 #[command(name = "exactly", version, about = "Exactly-once CloudEvent sink running sandboxed WebAssembly handlers")]
@@ -160,14 +163,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .checked_mul(1024 * 1024)
             .context("--handler-memory-mib is too large")?,
         concurrent_runs: args.common.db_max_connections,
+        max_body_bytes: args.max_body_bytes as u64,
     };
+    let backend = Backend::from_url(&args.common.database_url)?;
+    let mut policies = HashMap::new();
+    for handler in &manifest.handlers {
+        let tables = handler_tables(handler, backend)?;
+        policies.insert(handler.name.clone(), Arc::new(Policy::new(backend, tables)));
+    }
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
-    let runtime = Runtime::new(&manifest, limits)?;
+    let runtime = Runtime::new(&manifest, limits, &policies)?;
     let database = Database::connect(&args.common.db_options()).await?;
     if !args.no_migrate {
         database.migrate(&manifest).await?;
     }
+    let roles = database.handler_roles(&manifest).await?;
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.port)));
@@ -177,6 +188,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         database,
         runtime,
+        roles,
     })
     .await
 }

@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Column, Postgres, Row, Sqlite, TypeInfo, ValueRef};
 
 pub use crate::runtime::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
-use crate::answer::Rejection;
+use crate::answer::{LimitKind, Rejection};
 use crate::storage::{is_contention, is_unavailable};
 
 pub enum StatementOutput {
@@ -33,9 +33,22 @@ pub enum StatementOutput {
 #[derive(Debug)]
 pub struct StatementError {
     pub error: DbError,
-    /// Set when the failure is the database's (outage, lock or statement
-    /// timeout): the event is then answered 503 whatever the handler does.
-    pub host_fault: Option<Rejection>,
+    pub blame: Blame,
+}
+
+/// What a failed statement means for the event, beyond what the handler is
+/// told.
+#[derive(Debug)]
+pub enum Blame {
+    /// The handler's statement failed; the handler may decide what to answer.
+    Handler,
+    /// The database refused it on principle (no privilege): a refusal.
+    Refused,
+    /// The statement hit a limit of the sandbox.
+    Limit(LimitKind),
+    /// The database's fault (outage, lock contention): 503 whatever the
+    /// handler does.
+    Host(Rejection),
 }
 
 impl StatementError {
@@ -51,23 +64,25 @@ impl StatementError {
                     _ => DbErrorKind::Failed,
                 };
                 let message = db.message().to_owned();
-                let host_fault = code.as_deref().and_then(|code| {
-                    if is_contention(code) {
-                        Some(Rejection::Busy(message.clone()))
-                    } else if is_unavailable(code) {
-                        Some(Rejection::DatabaseUnavailable(message.clone()))
-                    } else {
-                        None
-                    }
-                });
-                StatementError { error: DbError { kind, code, message }, host_fault }
+                let (kind, blame) = match code.as_deref().unwrap_or_default() {
+                    // statement_timeout: the handler's statement ran too long.
+                    "57014" => (kind, Blame::Limit(LimitKind::StatementTimeout)),
+                    // SQLITE_INTERRUPT: the event's deadline interrupted it.
+                    "9" => (kind, Blame::Limit(LimitKind::StatementTimeout)),
+                    // insufficient_privilege: the per-handler role's wall.
+                    "42501" => (DbErrorKind::Refused, Blame::Refused),
+                    code if is_contention(code) => (kind, Blame::Host(Rejection::Busy(message.clone()))),
+                    code if is_unavailable(code) => (kind, Blame::Host(Rejection::DatabaseUnavailable(message.clone()))),
+                    _ => (kind, Blame::Handler),
+                };
+                StatementError { error: DbError { kind, code, message }, blame }
             }
             sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::Encode(_) => {
                 StatementError::conversion(error.to_string())
             }
             _ => StatementError {
                 error: DbError { kind: DbErrorKind::Failed, code: None, message: error.to_string() },
-                host_fault: Some(Rejection::DatabaseUnavailable(error.to_string())),
+                blame: Blame::Host(Rejection::DatabaseUnavailable(error.to_string())),
             },
         }
     }
@@ -75,7 +90,14 @@ impl StatementError {
     pub fn conversion(message: impl Into<String>) -> Self {
         StatementError {
             error: DbError { kind: DbErrorKind::Conversion, code: None, message: message.into() },
-            host_fault: None,
+            blame: Blame::Handler,
+        }
+    }
+
+    pub fn limit(limit: LimitKind, message: String) -> Self {
+        StatementError {
+            error: DbError { kind: DbErrorKind::Failed, code: None, message },
+            blame: Blame::Limit(limit),
         }
     }
 }
@@ -155,10 +177,8 @@ fn parse_timestamp(n: usize, text: &str) -> Result<DateTime<Utc>, StatementError
         .map_err(|e| StatementError::conversion(format!("parameter ${n}: {text:?} is not an RFC 3339 timestamp ({e})")))
 }
 
-pub fn rows_from_postgres(rows: &[PgRow]) -> Result<Rows, StatementError> {
-    let columns = column_names(rows.first());
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
+pub fn row_from_postgres(row: &PgRow) -> Result<Vec<Value>, StatementError> {
+    {
         let mut values = Vec::with_capacity(row.len());
         for (index, column) in row.columns().iter().enumerate() {
             let raw = row.try_get_raw(index).map_err(StatementError::from_sqlx)?;
@@ -202,15 +222,12 @@ pub fn rows_from_postgres(rows: &[PgRow]) -> Result<Rows, StatementError> {
             };
             values.push(value);
         }
-        out.push(values);
+        Ok(values)
     }
-    Ok(Rows { columns, rows: out })
 }
 
-pub fn rows_from_sqlite(rows: &[SqliteRow]) -> Result<Rows, StatementError> {
-    let columns = column_names(rows.first());
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
+pub fn row_from_sqlite(row: &SqliteRow) -> Result<Vec<Value>, StatementError> {
+    {
         let mut values = Vec::with_capacity(row.len());
         for index in 0..row.len() {
             let raw = row.try_get_raw(index).map_err(StatementError::from_sqlx)?;
@@ -229,12 +246,20 @@ pub fn rows_from_sqlite(rows: &[SqliteRow]) -> Result<Rows, StatementError> {
             };
             values.push(value);
         }
-        out.push(values);
+        Ok(values)
     }
-    Ok(Rows { columns, rows: out })
 }
 
-fn column_names<R: Row>(row: Option<&R>) -> Vec<String> {
-    row.map(|row| row.columns().iter().map(|c| c.name().to_owned()).collect())
-        .unwrap_or_default()
+pub fn column_names<R: Row>(row: &R) -> Vec<String> {
+    row.columns().iter().map(|c| c.name().to_owned()).collect()
+}
+
+/// Roughly what a value costs the guest: its payload plus a small header.
+pub fn value_size(value: &Value) -> u64 {
+    let payload = match value {
+        Value::Null | Value::Boolean(_) | Value::Int(_) | Value::Float(_) => 8,
+        Value::Text(s) | Value::Json(s) | Value::Numeric(s) | Value::Timestamp(s) => s.len(),
+        Value::Bytes(b) => b.len(),
+    };
+    payload as u64 + 8
 }

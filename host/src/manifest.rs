@@ -7,6 +7,11 @@
 //! component = "dist/order-created.wasm"   # relative to this file
 //! types = ["order.created"]
 //! migrations = "handlers/order-created/migrations"
+//! uses = []                 # other handlers' tables this one may touch
+//!
+//! [handler.limits]          # each optional; defaults come from the CLI
+//! deadline = "10s"
+//! memory_mib = 128
 //! ```
 //!
 //! A loaded [`Manifest`] is valid: names are unique and well-formed, every
@@ -14,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -30,6 +36,42 @@ pub struct HandlerSpec {
     pub types: Vec<String>,
     /// Folder holding `postgres/*.sql` and `sqlite/*.sql`.
     pub migrations: Option<PathBuf>,
+    /// Tables created by other handlers' migrations that this handler may
+    /// read and write.
+    pub uses: Vec<String>,
+    pub limits: LimitOverrides,
+}
+
+/// Per-handler limits from the manifest; `None` takes the host default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    #[serde(default, with = "duration_text")]
+    pub deadline: Option<Duration>,
+    pub memory_mib: Option<u64>,
+    /// Wasm fuel per event; 0 or absent: fuel is not metered.
+    pub fuel: Option<u64>,
+    #[serde(default, with = "duration_text")]
+    pub statement_timeout: Option<Duration>,
+    pub max_rows: Option<u64>,
+    pub max_result_bytes: Option<u64>,
+    pub max_statements: Option<u64>,
+    pub max_log_bytes: Option<u64>,
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Durations as humane text: "10s", "250ms", "1m".
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"10s\" ({e})")))
+    }
 }
 
 #[derive(Deserialize)]
@@ -46,6 +88,10 @@ struct RawHandler {
     component: PathBuf,
     types: Vec<String>,
     migrations: Option<PathBuf>,
+    #[serde(default)]
+    uses: Vec<String>,
+    #[serde(default)]
+    limits: LimitOverrides,
 }
 
 impl Manifest {
@@ -72,7 +118,7 @@ impl Manifest {
         for handler in &raw.handler {
             if !is_valid_name(&handler.name) {
                 bail!(
-                    "handler name {:?} must be 1-48 characters of a-z, 0-9 and '-', starting with a letter",
+                    "handler name {:?} must be 1-40 characters of a-z, 0-9 and '-', starting with a letter",
                     handler.name
                 );
             }
@@ -102,6 +148,8 @@ impl Manifest {
                 migrations: raw.migrations.map(|dir| base.join(dir)),
                 name: raw.name,
                 types: raw.types,
+                uses: raw.uses.into_iter().map(|t| t.to_ascii_lowercase()).collect(),
+                limits: raw.limits,
             })
             .collect();
         Ok(Manifest { handlers })
@@ -109,11 +157,11 @@ impl Manifest {
 }
 
 /// Handler names become PostgreSQL role names and log fields, so keep them
-/// plain.
+/// plain (and short: a role name holds at most 63 bytes).
 fn is_valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some('a'..='z'))
-        && name.len() <= 48
+        && name.len() <= 40
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
 }
 
@@ -136,6 +184,29 @@ mod tests {
         .unwrap();
         assert_eq!(manifest.handlers[0].component, Path::new("/srv/dist/a.wasm"));
         assert_eq!(manifest.handlers[0].migrations.as_deref(), Some(Path::new("/srv/m")));
+    }
+
+    #[test]
+    fn reads_limits_and_uses() {
+        let manifest = Manifest::parse(
+            r#"
+            [[handler]]
+            name = "p"
+            component = "p.wasm"
+            types = ["t"]
+            uses = ["Orders"]
+            [handler.limits]
+            deadline = "250ms"
+            memory_mib = 32
+            "#,
+            Path::new("/"),
+        )
+        .unwrap();
+        let handler = &manifest.handlers[0];
+        assert_eq!(handler.uses, ["orders"]);
+        assert_eq!(handler.limits.deadline, Some(Duration::from_millis(250)));
+        assert_eq!(handler.limits.memory_mib, Some(32));
+        assert!(Manifest::parse("[[handler]]\nname = \"p\"\ncomponent = \"p\"\ntypes = [\"t\"]\n[handler.limits]\ndeadline = \"soon\"", Path::new("/")).is_err());
     }
 
     #[test]

@@ -14,13 +14,12 @@
 //! handler's effects and the stored answer are committed together; an
 //! `Err` means none of them are.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 
 use uuid::Uuid;
 
 use crate::answer::{Committed, Rejection, ReplyEvent};
 use crate::decode::CloudEvent;
-use crate::policy::Policy;
 use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
 use crate::runtime::{LoadedHandler, Runtime};
 use crate::storage::{Claim, Database};
@@ -31,7 +30,8 @@ const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_0a6e_2b7c_4c1e_9a43_e8a7_c7
 pub struct Pipeline {
     pub database: Database,
     runtime: Runtime,
-    policy: Arc<Policy>,
+    /// PostgreSQL role of each handler (empty on SQLite).
+    roles: HashMap<String, String>,
 }
 
 /// A processed event's answer, and whether it is a replay.
@@ -42,9 +42,8 @@ pub struct Processed {
 }
 
 impl Pipeline {
-    pub fn new(database: Database, runtime: Runtime) -> Self {
-        let policy = Arc::new(Policy::new(database.backend()));
-        Pipeline { database, runtime, policy }
+    pub fn new(database: Database, runtime: Runtime, roles: HashMap<String, String>) -> Self {
+        Pipeline { database, runtime, roles }
     }
 
     pub async fn process(&self, event: &CloudEvent) -> Result<Processed, Rejection> {
@@ -52,6 +51,10 @@ impl Pipeline {
             .runtime
             .route(&event.ty)
             .ok_or_else(|| Rejection::NoHandler(event.ty.clone()))?;
+        let size = event.data.as_ref().map_or(0, Vec::len) as u64;
+        if size > handler.limits.max_body_bytes {
+            return Err(Rejection::PayloadTooLarge(handler.limits.max_body_bytes as usize));
+        }
         let payload_sha256 = event.payload_sha256();
         let mut tx = self.database.begin().await?;
         match tx.claim(event, &handler.name, &payload_sha256).await {
@@ -69,7 +72,8 @@ impl Pipeline {
             }
         }
 
-        let (tx, verdict) = self.runtime.run(handler, event, tx, self.policy.clone()).await;
+        let role = self.roles.get(&handler.name).map(String::as_str);
+        let (tx, verdict) = self.runtime.run(handler, event, tx, role).await;
         let Some(mut tx) = tx else {
             return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
         };

@@ -5,8 +5,9 @@
 //! Admitted: exactly one SELECT, INSERT, UPDATE or DELETE per call (with
 //! CTEs, RETURNING, ON CONFLICT). Everything else is refused, above all
 //! anything that would end the transaction the host owns (COMMIT, ROLLBACK,
-//! SAVEPOINT, several statements in one string), and any reference to the
-//! host's own tables or the system catalogs.
+//! SAVEPOINT, several statements in one string), any reference to the
+//! host's own tables or the system catalogs, and any table that is not the
+//! handler's own (created by its migrations) or declared in its `uses`.
 //!
 //! Handlers use `$1, $2, …` placeholders on both backends; for SQLite the
 //! admitted SQL is rewritten to `?1, ?2, …` (SQLite would number `$n`
@@ -15,11 +16,11 @@
 //! Handlers run the same few statements over and over, so verdicts are
 //! cached by SQL text: the parser runs once per distinct statement.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::sync::{Arc, RwLock};
 
-use sqlparser::ast::{ObjectName, SetExpr, Statement, visit_relations};
+use sqlparser::ast::{ObjectName, Query, SetExpr, Statement, Visit, Visitor, visit_relations};
 use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
@@ -37,12 +38,15 @@ const RESERVED_PREFIXES: [&str; 3] = ["exactly_", "sqlite_", "pg_"];
 
 pub struct Policy {
     backend: Backend,
+    /// Lower-case names of the tables the handler may use.
+    tables: HashSet<String>,
     cache: RwLock<HashMap<Box<str>, Verdict>>,
 }
 
 impl Policy {
-    pub fn new(backend: Backend) -> Self {
-        Policy { backend, cache: RwLock::new(HashMap::new()) }
+    pub fn new(backend: Backend, tables: impl IntoIterator<Item = String>) -> Self {
+        let tables = tables.into_iter().map(|t| t.to_ascii_lowercase()).collect();
+        Policy { backend, tables, cache: RwLock::new(HashMap::new()) }
     }
 
     pub fn backend(&self) -> Backend {
@@ -53,7 +57,7 @@ impl Policy {
         if let Some(verdict) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(sql) {
             return verdict.clone();
         }
-        let verdict = match judge(self.backend, sql) {
+        let verdict = match judge(self.backend, &self.tables, sql) {
             Ok(sql) => Ok(Arc::from(sql)),
             Err(reason) => Err(Arc::from(reason)),
         };
@@ -73,7 +77,7 @@ fn dialect(backend: Backend) -> &'static dyn Dialect {
     }
 }
 
-fn judge(backend: Backend, sql: &str) -> Result<String, String> {
+fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String, String> {
     let dialect = dialect(backend);
     let statements = Parser::parse_sql(dialect, sql)
         .map_err(|e| format!("the statement could not be parsed ({e}); exactly runs only statements it can check"))?;
@@ -103,19 +107,74 @@ fn judge(backend: Backend, sql: &str) -> Result<String, String> {
             ));
         }
     }
-    if let ControlFlow::Break(name) = visit_relations(statement, |relation: &ObjectName| {
+    let mut ctes = CteNames::default();
+    let _ = statement.visit(&mut ctes);
+    if let ControlFlow::Break(refusal) = visit_relations(statement, |relation: &ObjectName| {
         if is_reserved(relation) {
-            ControlFlow::Break(relation.to_string())
-        } else {
-            ControlFlow::Continue(())
+            return ControlFlow::Break(format!(
+                "{relation} belongs to the host or the system catalog; handlers may use only their own tables"
+            ));
+        }
+        match table_name(relation) {
+            Some(name) if ctes.0.contains(&name) || tables.contains(&name) => ControlFlow::Continue(()),
+            _ => ControlFlow::Break(format!(
+                "{relation} is not one of this handler's tables (its migrations create them; other handlers' tables must be listed in `uses`)"
+            )),
         }
     }) {
-        return Err(format!("{name} belongs to the host or the system catalog; handlers may use only their own tables"));
+        return Err(refusal);
     }
     match backend {
         Backend::Postgres => Ok(sql.to_owned()),
         Backend::Sqlite => numbered_placeholders(dialect, sql),
     }
+}
+
+/// Names bound by `WITH` anywhere in the statement: not tables.
+#[derive(Default)]
+struct CteNames(HashSet<String>);
+
+impl Visitor for CteNames {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                self.0.insert(cte.alias.name.value.to_ascii_lowercase());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The table a relation names, if it is in the default schema (`public` on
+/// PostgreSQL, `main` on SQLite) or unqualified.
+fn table_name(name: &ObjectName) -> Option<String> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|part| part.as_ident().map(|ident| ident.value.to_ascii_lowercase()))
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [table] => Some(table.clone()),
+        [schema, table] if schema == "public" || schema == "main" => Some(table.clone()),
+        _ => None,
+    }
+}
+
+/// The tables a handler's migration creates (`CREATE TABLE`, `CREATE
+/// VIEW`): they are the handler's own. A migration the parser cannot read
+/// is an error, since the handler's tables would be unknown.
+pub fn tables_created_by(backend: Backend, sql: &str) -> Result<Vec<String>, String> {
+    let statements = Parser::parse_sql(dialect(backend), sql).map_err(|e| e.to_string())?;
+    Ok(statements
+        .iter()
+        .filter_map(|statement| match statement {
+            Statement::CreateTable(create) => table_name(&create.name),
+            Statement::CreateView { name, .. } => table_name(name),
+            _ => None,
+        })
+        .collect())
 }
 
 fn is_reserved(name: &ObjectName) -> bool {
@@ -156,8 +215,12 @@ fn leading_keyword(statement: &str) -> String {
 mod tests {
     use super::*;
 
+    fn own() -> HashSet<String> {
+        ["orders", "t"].into_iter().map(String::from).collect()
+    }
+
     fn both(sql: &str) -> [Result<String, String>; 2] {
-        [judge(Backend::Postgres, sql), judge(Backend::Sqlite, sql)]
+        [judge(Backend::Postgres, &own(), sql), judge(Backend::Sqlite, &own(), sql)]
     }
 
     #[test]
@@ -195,8 +258,8 @@ mod tests {
                 assert!(verdict.is_err(), "{sql} was admitted");
             }
         }
-        assert!(judge(Backend::Postgres, "SET ROLE postgres").is_err());
-        assert!(judge(Backend::Postgres, "COPY (SELECT 1) TO PROGRAM 'true'").is_err());
+        assert!(judge(Backend::Postgres, &own(), "SET ROLE postgres").is_err());
+        assert!(judge(Backend::Postgres, &own(), "COPY (SELECT 1) TO PROGRAM 'true'").is_err());
     }
 
     #[test]
@@ -215,18 +278,43 @@ mod tests {
     }
 
     #[test]
+    fn refuses_tables_that_are_not_the_handlers() {
+        for sql in [
+            "UPDATE test_effects SET note = 'x'",
+            "SELECT * FROM orders JOIN payments USING (order_id)",
+            "SELECT * FROM other.orders",
+            "INSERT INTO orders SELECT * FROM secrets",
+            "SELECT * FROM generate_series(1, 10)",
+        ] {
+            for verdict in both(sql) {
+                assert!(verdict.is_err(), "{sql} was admitted");
+            }
+        }
+        for sql in ["WITH x AS (SELECT * FROM orders) SELECT * FROM x", "SELECT * FROM public.orders", "SELECT 1"] {
+            assert!(judge(Backend::Postgres, &own(), sql).is_ok(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn finds_the_tables_a_migration_creates() {
+        let sql = "CREATE TABLE orders (id text primary key); CREATE INDEX i ON orders (id); CREATE TABLE IF NOT EXISTS Order_Events (x int)";
+        assert_eq!(tables_created_by(Backend::Postgres, sql).unwrap(), ["orders", "order_events"]);
+        assert!(tables_created_by(Backend::Sqlite, "CREATE TABL x").is_err());
+    }
+
+    #[test]
     fn sqlite_placeholders_are_numbered_and_literals_kept() {
-        let sql = judge(Backend::Sqlite, "UPDATE t SET a = $2, b = '$1' WHERE k = $1").unwrap();
+        let sql = judge(Backend::Sqlite, &own(), "UPDATE t SET a = $2, b = '$1' WHERE k = $1").unwrap();
         assert_eq!(sql, "UPDATE t SET a = ?2, b = '$1' WHERE k = ?1");
         let sql = "UPDATE t SET a = $2 WHERE k = $1";
-        assert_eq!(judge(Backend::Postgres, sql).unwrap(), sql);
+        assert_eq!(judge(Backend::Postgres, &own(), sql).unwrap(), sql);
     }
 
     #[test]
     fn verdicts_are_cached() {
-        let policy = Policy::new(Backend::Postgres);
+        let policy = Policy::new(Backend::Postgres, ["orders".to_string()]);
         assert!(policy.check("COMMIT").is_err());
-        assert!(policy.check("SELECT 1").is_ok());
+        assert!(policy.check("SELECT 1 FROM orders").is_ok());
         assert_eq!(policy.cache.read().unwrap().len(), 2);
     }
 }

@@ -9,6 +9,7 @@
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub database: Database,
     pub runtime: Runtime,
+    /// PostgreSQL role of each handler (empty on SQLite).
+    pub roles: HashMap<String, String>,
 }
 
 /// Time allowed for a client to send its request headers.
@@ -55,7 +58,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
     let local = listener.local_addr()?;
     let app = Arc::new(App {
-        pipeline: Pipeline::new(config.database, config.runtime),
+        pipeline: Pipeline::new(config.database, config.runtime, config.roles),
         max_body_bytes: config.max_body_bytes,
         shutting_down: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),

@@ -7,10 +7,11 @@
 //! back the committed answer of the delivery that owned it; nothing is
 //! visible to anyone until [`EventTx::commit`] returns `Ok`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
@@ -18,10 +19,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction};
 
-use crate::answer::{Committed, Rejection, ReplyEvent};
-use crate::convert::{self, StatementError, StatementOutput, Value};
+use crate::answer::{Committed, LimitKind, Rejection, ReplyEvent};
+use crate::convert::{self, Rows, StatementError, StatementOutput, Value};
 use crate::decode::CloudEvent;
-use crate::manifest::Manifest;
+use crate::manifest::{HandlerSpec, Manifest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -30,6 +31,17 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend a database URL names.
+    pub fn from_url(url: &str) -> anyhow::Result<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            bail!("unsupported database URL {:?}: use postgres://… or sqlite://…", redact(url))
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::Postgres => "postgres",
@@ -81,7 +93,7 @@ static HOST_MIGRATIONS_SQLITE: &[(&str, &str)] =
 impl Database {
     pub async fn connect(options: &DbOptions) -> anyhow::Result<Database> {
         let url = options.url.as_str();
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if Backend::from_url(url)? == Backend::Postgres {
             // Timeouts travel in the startup packet: no extra round trip per
             // event to set them.
             let connect = PgConnectOptions::from_str(url)
@@ -98,7 +110,7 @@ impl Database {
                 .await
                 .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
             Ok(Database::Postgres(pool))
-        } else if url.starts_with("sqlite:") {
+        } else {
             let connect = SqliteConnectOptions::from_str(url)
                 .context("invalid SQLite URL")?
                 .create_if_missing(true)
@@ -116,8 +128,6 @@ impl Database {
                 .await
                 .with_context(|| format!("cannot open SQLite database {url}"))?;
             Ok(Database::Sqlite(pool))
-        } else {
-            bail!("unsupported database URL {:?}: use postgres://… or sqlite://…", redact(url))
         }
     }
 
@@ -137,6 +147,23 @@ impl Database {
             Database::Sqlite(pool) => pool.begin_with("BEGIN IMMEDIATE").await.map(EventTx::Sqlite),
         }
         .map_err(classify)
+    }
+
+    /// The PostgreSQL role each handler's statements run as. Roles belong
+    /// to the whole cluster, so their names carry a digest of the database
+    /// name: two deployments on one cluster never share a role.
+    pub async fn handler_roles(&self, manifest: &Manifest) -> anyhow::Result<HashMap<String, String>> {
+        let Database::Postgres(pool) = self else {
+            return Ok(HashMap::new());
+        };
+        let database: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(pool).await?;
+        let digest = Sha256::digest(database.as_bytes());
+        let prefix = format!("exactly_{}_", hex::encode(&digest[..4]));
+        Ok(manifest
+            .handlers
+            .iter()
+            .map(|h| (h.name.clone(), format!("{prefix}{}", h.name.replace('-', "_"))))
+            .collect())
     }
 
     /// True when a trivial query answers.
@@ -169,6 +196,7 @@ impl Database {
                 }
             }
         }
+        let roles = self.handler_roles(manifest).await?;
         match self {
             Database::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
@@ -204,6 +232,13 @@ impl Database {
                         .execute(&mut *tx)
                         .await?;
                     tracing::info!(%owner, migration = %name, "migration applied");
+                }
+                for (handler, role) in &roles {
+                    let spec = manifest.handlers.iter().find(|h| &h.name == handler).context("unknown handler")?;
+                    let tables = handler_tables(spec, backend)?;
+                    sqlx::raw_sql(AssertSqlSafe(role_grants(role, &tables))).execute(&mut *tx).await.with_context(
+                        || format!("cannot set up the role {role} of handler {handler}"),
+                    )?;
                 }
                 tx.commit().await?;
             }
@@ -245,6 +280,53 @@ impl Database {
         }
         Ok(())
     }
+}
+
+/// The tables a handler may use: those its migrations create, and those it
+/// declares in `uses`.
+pub fn handler_tables(spec: &HandlerSpec, backend: Backend) -> anyhow::Result<Vec<String>> {
+    let mut tables = spec.uses.clone();
+    if let Some(dir) = &spec.migrations {
+        for (name, sql) in read_migrations(&dir.join(backend.name()))
+            .with_context(|| format!("migrations of handler {}", spec.name))?
+        {
+            let created = crate::policy::tables_created_by(backend, &sql).map_err(|e| {
+                anyhow::anyhow!("cannot read which tables migration {name} of handler {} creates: {e}", spec.name)
+            })?;
+            tables.extend(created);
+        }
+    }
+    tables.sort();
+    tables.dedup();
+    Ok(tables)
+}
+
+/// The SQL that makes `role` a NOLOGIN role allowed to read and write
+/// exactly `tables` (and nothing of the host's schema), and lets the host
+/// `SET ROLE` to it. Idempotent: privileges are reset, then granted.
+fn role_grants(role: &str, tables: &[String]) -> String {
+    let role_ident = quote_ident(role);
+    let literal = role.replace('\'', "''");
+    let mut sql = format!(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{literal}') THEN
+                 CREATE ROLE {role_ident} NOLOGIN;
+             END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+         END $$;
+         GRANT {role_ident} TO CURRENT_USER;
+         REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role_ident};
+         GRANT USAGE ON SCHEMA public TO {role_ident};
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_ident};"
+    );
+    if !tables.is_empty() {
+        let list: Vec<String> = tables.iter().map(|t| quote_ident(t)).collect();
+        sql.push_str(&format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {} TO {role_ident};",
+            list.join(", ")
+        ));
+    }
+    sql
 }
 
 /// `Ok(true)`: already applied, skip. `Ok(false)`: apply it now.
@@ -401,19 +483,22 @@ impl EventTx {
         }
     }
 
-    /// Runs one handler statement (already admitted by the policy).
+    /// Runs one handler statement (already admitted by the policy). Rows
+    /// are streamed and counted, so a query returning millions of rows is
+    /// cut off at the cap instead of filling the host's memory.
     pub async fn run_handler_statement(
         &mut self,
         sql: Arc<str>,
         params: Vec<Value>,
         want_rows: bool,
+        caps: RowCaps,
     ) -> Result<StatementOutput, StatementError> {
         match self {
             EventTx::Postgres(tx) => {
                 let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(sql)), params)?;
                 if want_rows {
-                    let rows = query.fetch_all(&mut **tx).await.map_err(StatementError::from_sqlx)?;
-                    convert::rows_from_postgres(&rows).map(StatementOutput::Rows)
+                    let stream = query.fetch(&mut **tx);
+                    collect_rows(stream, caps, convert::row_from_postgres).await
                 } else {
                     let done = query.execute(&mut **tx).await.map_err(StatementError::from_sqlx)?;
                     Ok(StatementOutput::Affected(done.rows_affected()))
@@ -422,8 +507,8 @@ impl EventTx {
             EventTx::Sqlite(tx) => {
                 let query = convert::bind_sqlite(sqlx::query(AssertSqlSafe(sql)), params)?;
                 if want_rows {
-                    let rows = query.fetch_all(&mut **tx).await.map_err(StatementError::from_sqlx)?;
-                    convert::rows_from_sqlite(&rows).map(StatementOutput::Rows)
+                    let stream = query.fetch(&mut **tx);
+                    collect_rows(stream, caps, convert::row_from_sqlite).await
                 } else {
                     let done = query.execute(&mut **tx).await.map_err(StatementError::from_sqlx)?;
                     Ok(StatementOutput::Affected(done.rows_affected()))
@@ -431,6 +516,96 @@ impl EventTx {
             }
         }
     }
+
+    /// Hands the transaction to a handler: on PostgreSQL switch to the
+    /// handler's role (the second wall after the SQL policy) and its
+    /// statement timeout, in one round trip; on SQLite install a progress
+    /// handler that interrupts any statement once the event's deadline has
+    /// passed (SQLite has no statement timeout of its own).
+    pub async fn enter_handler(&mut self, role: Option<&str>, statement_timeout: Option<Duration>, deadline: Instant) -> Result<(), Rejection> {
+        match self {
+            EventTx::Postgres(tx) => {
+                let mut sql = String::new();
+                if let Some(role) = role {
+                    sql.push_str(&format!("SET LOCAL ROLE {};", quote_ident(role)));
+                }
+                if let Some(timeout) = statement_timeout {
+                    sql.push_str(&format!("SET LOCAL statement_timeout = {};", timeout.as_millis().max(1)));
+                }
+                if !sql.is_empty() {
+                    sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **tx).await.map_err(classify)?;
+                }
+            }
+            EventTx::Sqlite(tx) => {
+                let mut handle = tx.lock_handle().await.map_err(classify)?;
+                handle.set_progress_handler(10_000, move || Instant::now() < deadline);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the transaction back from the handler: the host's own role and
+    /// no interrupting progress handler.
+    pub async fn leave_handler(&mut self, role_was_set: bool) -> Result<(), Rejection> {
+        match self {
+            EventTx::Postgres(tx) => {
+                if role_was_set {
+                    sqlx::raw_sql("RESET ROLE").execute(&mut **tx).await.map_err(classify)?;
+                }
+            }
+            EventTx::Sqlite(tx) => {
+                tx.lock_handle().await.map_err(classify)?.remove_progress_handler();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most one handler query may hand back.
+#[derive(Debug, Clone, Copy)]
+pub struct RowCaps {
+    pub max_rows: u64,
+    pub max_bytes: u64,
+}
+
+async fn collect_rows<R: Row, S>(
+    mut stream: S,
+    caps: RowCaps,
+    convert_row: fn(&R) -> Result<Vec<Value>, StatementError>,
+) -> Result<StatementOutput, StatementError>
+where
+    S: futures::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+{
+    use futures::TryStreamExt;
+    let mut columns = None;
+    let mut rows = Vec::new();
+    let mut bytes = 0u64;
+    while let Some(row) = stream.try_next().await.map_err(StatementError::from_sqlx)? {
+        if rows.len() as u64 >= caps.max_rows {
+            return Err(StatementError::limit(
+                LimitKind::Rows,
+                format!("the query returned more than {} rows", caps.max_rows),
+            ));
+        }
+        if columns.is_none() {
+            columns = Some(convert::column_names(&row));
+        }
+        let values = convert_row(&row)?;
+        bytes += values.iter().map(convert::value_size).sum::<u64>();
+        if bytes > caps.max_bytes {
+            return Err(StatementError::limit(
+                LimitKind::ResultBytes,
+                format!("the query returned more than {} bytes", caps.max_bytes),
+            ));
+        }
+        rows.push(values);
+    }
+    Ok(StatementOutput::Rows(Rows { columns: columns.unwrap_or_default(), rows }))
+}
+
+/// A PostgreSQL identifier in double quotes.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Maps a database error on the host's own statements to its answer:

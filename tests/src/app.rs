@@ -71,6 +71,12 @@ pub struct HandlerEntry {
     pub component: PathBuf,
     pub types: Vec<String>,
     pub migrations: PathBuf,
+    /// Other handlers' tables this one may use (`uses = [...]`); written
+    /// only when not empty.
+    pub uses: Vec<String>,
+    /// The handler's `[handler.limits]` table; `None` writes no table (the
+    /// host's defaults apply).
+    pub limits: Option<HandlerLimits>,
 }
 
 impl HandlerEntry {
@@ -81,7 +87,69 @@ impl HandlerEntry {
             component: root.join("dist").join(format!("{name}.wasm")),
             types: types.iter().map(|type_| (*type_).to_owned()).collect(),
             migrations: root.join(migrations),
+            uses: Vec::new(),
+            limits: None,
         }
+    }
+
+    pub fn with_limits(mut self, limits: HandlerLimits) -> HandlerEntry {
+        self.limits = Some(limits);
+        self
+    }
+}
+
+/// A handler's sandbox limits, the manifest's `[handler.limits]` table.
+/// Each `None` is left out, so the host's default (its CLI flag) applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HandlerLimits {
+    /// Wall clock per event.
+    pub deadline: Option<Duration>,
+    /// Linear-memory cap of one instance.
+    pub memory_mib: Option<u64>,
+    /// PostgreSQL `statement_timeout` of the handler's statements.
+    pub statement_timeout: Option<Duration>,
+    /// Rows one query may return.
+    pub max_rows: Option<u64>,
+    /// Bytes one query may return.
+    pub max_result_bytes: Option<u64>,
+    /// Statements per event.
+    pub max_statements: Option<u64>,
+    /// Log lines plus stdout and stderr, in bytes per event.
+    pub max_log_bytes: Option<u64>,
+    /// Wasm fuel per event; 0 turns metering off.
+    pub fuel: Option<u64>,
+}
+
+impl HandlerLimits {
+    /// The body of the `[handler.limits]` table, one `key = value` a line.
+    fn toml_lines(&self) -> String {
+        let mut lines = String::new();
+        let mut push = |key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                lines.push_str(&format!("{key} = {value}\n"));
+            }
+        };
+        let duration = |value: Option<Duration>| value.map(|d| toml_string(&duration_text(d)));
+        let number = |value: Option<u64>| value.map(|n| n.to_string());
+        push("deadline", duration(self.deadline));
+        push("memory_mib", number(self.memory_mib));
+        push("statement_timeout", duration(self.statement_timeout));
+        push("max_rows", number(self.max_rows));
+        push("max_result_bytes", number(self.max_result_bytes));
+        push("max_statements", number(self.max_statements));
+        push("max_log_bytes", number(self.max_log_bytes));
+        push("fuel", number(self.fuel));
+        lines
+    }
+}
+
+/// A duration as the manifest writes it: `"2s"`, or `"250ms"` when it is not
+/// a whole number of seconds.
+fn duration_text(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
     }
 }
 
@@ -94,11 +162,15 @@ pub fn standard_handlers() -> Vec<HandlerEntry> {
             "handlers/order-created/migrations",
             &["order.created"],
         ),
-        HandlerEntry::from_repo(
-            "order-payment",
-            "handlers/order-payment/migrations",
-            &["order.payment"],
-        ),
+        HandlerEntry {
+            // order-payment updates the orders order-created owns.
+            uses: vec!["orders".into(), "order_events".into()],
+            ..HandlerEntry::from_repo(
+                "order-payment",
+                "handlers/order-payment/migrations",
+                &["order.payment"],
+            )
+        },
         HandlerEntry::from_repo(
             "testkit",
             "tests/handlers/testkit/migrations",
@@ -118,6 +190,49 @@ pub fn standard_handlers() -> Vec<HandlerEntry> {
     ]
 }
 
+/// Every event type of the `hostile` test handler
+/// (`tests/handlers/hostile`), which attacks its sandbox.
+pub const HOSTILE_TYPES: &[&str] = &[
+    "hostile.ok",
+    "hostile.commit",
+    "hostile.rollback",
+    "hostile.begin",
+    "hostile.savepoint",
+    "hostile.select-commit",
+    "hostile.set-role",
+    "hostile.reset-role",
+    "hostile.set-search-path",
+    "hostile.drop-table",
+    "hostile.create-table",
+    "hostile.copy-program",
+    "hostile.read-host-table",
+    "hostile.update-other",
+    "hostile.pg-sleep",
+    "hostile.loop",
+    "hostile.alloc",
+    "hostile.recurse",
+    "hostile.log-flood",
+    "hostile.stdout-flood",
+    "hostile.rows",
+    "hostile.big-result",
+    "hostile.statements",
+    "hostile.read-file",
+    "hostile.env",
+    "hostile.socket",
+];
+
+/// The `hostile` test handler, with `limits` as its `[handler.limits]`
+/// table (`None`: the host's defaults).
+pub fn hostile_handler(limits: Option<HandlerLimits>) -> HandlerEntry {
+    let mut handler = HandlerEntry::from_repo(
+        "hostile",
+        "tests/handlers/hostile/migrations",
+        HOSTILE_TYPES,
+    );
+    handler.limits = limits;
+    handler
+}
+
 /// The manifest's TOML, every path absolute.
 pub fn manifest_toml(handlers: &[HandlerEntry]) -> String {
     let mut toml = String::new();
@@ -128,12 +243,25 @@ pub fn manifest_toml(handlers: &[HandlerEntry]) -> String {
             .map(|type_| toml_string(type_))
             .collect();
         toml.push_str(&format!(
-            "[[handler]]\nname = {}\ncomponent = {}\ntypes = [{}]\nmigrations = {}\n\n",
+            "[[handler]]\nname = {}\ncomponent = {}\ntypes = [{}]\nmigrations = {}\n",
             toml_string(&handler.name),
             toml_string(&handler.component.display().to_string()),
             types.join(", "),
             toml_string(&handler.migrations.display().to_string()),
         ));
+        if !handler.uses.is_empty() {
+            let uses: Vec<String> = handler
+                .uses
+                .iter()
+                .map(|table| toml_string(table))
+                .collect();
+            toml.push_str(&format!("uses = [{}]\n", uses.join(", ")));
+        }
+        if let Some(limits) = &handler.limits {
+            toml.push_str("\n[handler.limits]\n");
+            toml.push_str(&limits.toml_lines());
+        }
+        toml.push('\n');
     }
     toml
 }
@@ -338,6 +466,22 @@ impl TestApp {
         TestEnv::new(backend).await.serve().await
     }
 
+    /// `exactly serve` with these handlers on a fresh database.
+    pub async fn spawn_with_handlers(backend: Backend, handlers: Vec<HandlerEntry>) -> TestApp {
+        TestEnv::with_handlers(backend, handlers)
+            .await
+            .serve()
+            .await
+    }
+
+    /// `exactly serve` with the standard handlers plus the `hostile` test
+    /// handler, whose `[handler.limits]` table is `limits`.
+    pub async fn spawn_with_hostile(backend: Backend, limits: Option<HandlerLimits>) -> TestApp {
+        let mut handlers = standard_handlers();
+        handlers.push(hostile_handler(limits));
+        TestApp::spawn_with_handlers(backend, handlers).await
+    }
+
     pub fn backend(&self) -> Backend {
         self.env.backend()
     }
@@ -404,6 +548,22 @@ impl TestApp {
     /// [`TestApp::processed`] for an event the test sent.
     pub async fn processed_event(&self, event: &Event) -> Option<ProcessedEvent> {
         self.processed(&event.source, &event.id).await
+    }
+
+    /// The `result` the handler returned for `event` (stored with the
+    /// claim, JSON), if the event committed.
+    pub async fn processed_result(&self, event: &Event) -> Option<serde_json::Value> {
+        let sql = format!(
+            "SELECT CAST(result AS TEXT) FROM {} WHERE source = $1 AND id = $2",
+            self.backend().processed_events_table()
+        );
+        let text = self.db.text(&sql, &[&event.source, &event.id]).await?;
+        Some(serde_json::from_str(&text).unwrap_or_else(|error| {
+            panic!(
+                "the stored result of {} is not JSON ({error}): {text}",
+                event.id
+            )
+        }))
     }
 
     /// How many events the host committed in all.
@@ -481,6 +641,34 @@ mod tests {
         assert!(toml.contains(&format!(
             "migrations = \"{root}/tests/handlers/testkit/migrations\""
         )));
+    }
+
+    #[test]
+    fn limits_become_a_table_of_their_handler() {
+        let limits = HandlerLimits {
+            deadline: Some(Duration::from_secs(2)),
+            memory_mib: Some(64),
+            statement_timeout: Some(Duration::from_millis(1500)),
+            max_rows: Some(10_000),
+            ..HandlerLimits::default()
+        };
+        let mut handlers = standard_handlers();
+        handlers.push(hostile_handler(Some(limits)));
+        let toml = manifest_toml(&handlers);
+        assert_eq!(toml.matches("[[handler]]").count(), 4);
+        assert_eq!(toml.matches("[handler.limits]").count(), 1);
+        let (before, table) = toml.split_once("[handler.limits]").unwrap();
+        // The table follows the hostile entry, so it belongs to it.
+        assert!(
+            before
+                .trim_end()
+                .ends_with("/tests/handlers/hostile/migrations\"")
+        );
+        assert_eq!(
+            table.trim(),
+            "deadline = \"2s\"\nmemory_mib = 64\nstatement_timeout = \"1500ms\"\nmax_rows = 10000"
+        );
+        assert!(toml.contains("\"hostile.update-other\""));
     }
 
     #[test]

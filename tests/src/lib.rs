@@ -25,7 +25,7 @@ pub mod backend;
 pub mod event;
 
 pub use answer::{Answer, ErrorBody};
-pub use app::{ProcessedEvent, TestApp, TestEnv};
+pub use app::{HandlerEntry, HandlerLimits, ProcessedEvent, TestApp, TestEnv};
 pub use backend::{Backend, Db};
 pub use event::Event;
 pub use serde_json::json;

@@ -1,7 +1,8 @@
 //! The `log` import: handler log lines, attributed to the handler and the
 //! event they were written for.
 
-use super::EventState;
+use super::{Doom, EventState};
+use crate::answer::LimitKind;
 use super::bindings::exactly::handler::log::{Host, Level};
 
 /// Longest message kept from one call; the rest is cut.
@@ -9,6 +10,15 @@ const MAX_MESSAGE: usize = 16 * 1024;
 
 impl Host for EventState {
     async fn write(&mut self, level: Level, message: String) {
+        self.log_bytes = self.log_bytes.saturating_add(message.len() as u64);
+        if self.log_bytes > self.limits.max_log_bytes {
+            if self.doom.is_none() {
+                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
+                    max_log_bytes = self.limits.max_log_bytes, "handler exceeded its log volume; dropping its lines and failing the event");
+                self.doom = Some(Doom::Limit(LimitKind::LogVolume, format!("more than {} bytes of log", self.limits.max_log_bytes)));
+            }
+            return;
+        }
         let message = if message.len() > MAX_MESSAGE {
             let mut end = MAX_MESSAGE;
             while !message.is_char_boundary(end) {

@@ -6,7 +6,8 @@
 //! or ran out of time, together with the verdict on the run. A handler never
 //! sees the transaction itself, only the `tx` import (see [`tx`]), and it
 //! gets no ambient capability: no files, environment, arguments or sockets;
-//! its stdout and stderr become log lines.
+//! its stdout and stderr become log lines. Every run is bounded: deadline,
+//! memory, optional fuel, statements, rows and bytes per query, log volume.
 
 pub mod bindings {
     wasmtime::component::bindgen!({
@@ -22,49 +23,89 @@ mod tx;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap,
-};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::answer::Rejection;
+use crate::answer::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
-use crate::manifest::Manifest;
+use crate::manifest::{HandlerSpec, Manifest};
 use crate::policy::Policy;
-use crate::storage::EventTx;
+use crate::storage::{EventTx, RowCaps};
 use bindings::exactly::handler::types;
 use bindings::{Handler, HandlerPre};
 
-/// Sandbox limits applied to every event.
+/// Host-wide defaults, from the command line; a handler's manifest entry
+/// may override each of them.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub deadline: Duration,
     pub memory_bytes: u64,
+    pub max_body_bytes: u64,
     /// How many events can run a handler at once. A run needs a database
     /// connection, so the pool size bounds it; the instance pool is sized
     /// from it.
     pub concurrent_runs: u32,
 }
 
+/// The limits one handler's events run under.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerLimits {
+    pub deadline: Duration,
+    pub memory_bytes: u64,
+    pub fuel: Option<u64>,
+    /// `None`: the connection's default (`--statement-timeout`).
+    pub statement_timeout: Option<Duration>,
+    pub max_rows: u64,
+    pub max_result_bytes: u64,
+    pub max_statements: u64,
+    pub max_log_bytes: u64,
+    pub max_body_bytes: u64,
+}
+
+pub const DEFAULT_MAX_ROWS: u64 = 10_000;
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 4 * 1024 * 1024;
+pub const DEFAULT_MAX_STATEMENTS: u64 = 1_000;
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 1024 * 1024;
+
+impl HandlerLimits {
+    fn resolve(spec: &HandlerSpec, defaults: &Limits) -> anyhow::Result<Self> {
+        let o = &spec.limits;
+        let memory_bytes = match o.memory_mib {
+            Some(mib) => mib.checked_mul(1024 * 1024).context("memory_mib is too large")?,
+            None => defaults.memory_bytes,
+        };
+        Ok(HandlerLimits {
+            deadline: o.deadline.unwrap_or(defaults.deadline),
+            memory_bytes,
+            fuel: o.fuel.filter(|fuel| *fuel > 0),
+            statement_timeout: o.statement_timeout,
+            max_rows: o.max_rows.unwrap_or(DEFAULT_MAX_ROWS),
+            max_result_bytes: o.max_result_bytes.unwrap_or(DEFAULT_MAX_RESULT_BYTES),
+            max_statements: o.max_statements.unwrap_or(DEFAULT_MAX_STATEMENTS),
+            max_log_bytes: o.max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
+            max_body_bytes: o.max_body_bytes.unwrap_or(defaults.max_body_bytes).min(defaults.max_body_bytes),
+        })
+    }
+}
+
 /// How often the epoch advances; a running guest yields at each tick so the
 /// deadline can stop it without blocking a tokio worker.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
-/// Cap on what a handler may print to stdout/stderr during one event.
-const STDIO_CAPACITY: usize = 256 * 1024;
 
 pub struct Runtime {
     engine: Engine,
     by_type: HashMap<String, Arc<LoadedHandler>>,
-    limits: Limits,
 }
 
 pub struct LoadedHandler {
     pub name: String,
+    pub limits: HandlerLimits,
+    pub policy: Arc<Policy>,
     pre: HandlerPre<EventState>,
 }
 
@@ -76,10 +117,14 @@ pub struct EventState {
     handler: Arc<str>,
     event_source: String,
     event_id: String,
-    /// Set by the first failed or refused statement: nothing of the event
-    /// may commit after that, whatever the handler returns.
+    limits: HandlerLimits,
+    statements: u64,
+    log_bytes: u64,
+    /// Set by the first failed or refused statement or exceeded limit:
+    /// nothing of the event may commit after that, whatever the handler
+    /// returns.
     doom: Option<Doom>,
-    limits: StoreLimits,
+    memory: MemoryGuard,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -89,7 +134,29 @@ pub struct EventState {
 enum Doom {
     Refused(String),
     Failed(String),
+    Limit(LimitKind, String),
     HostFault(Rejection),
+}
+
+/// Refuses memory growth past the handler's cap, and remembers that it did
+/// so the answer can say "memory limit" instead of a bare trap.
+struct MemoryGuard {
+    cap: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryGuard {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
 }
 
 impl WasiView for EventState {
@@ -104,16 +171,21 @@ impl Runtime {
     /// Compiles every component of the manifest and links it against the
     /// host's imports. Any component that cannot be loaded, or that imports
     /// something the host does not provide, stops the start-up here.
-    pub fn new(manifest: &Manifest, limits: Limits) -> anyhow::Result<Runtime> {
-        let engine = Engine::new(&engine_config(&limits))?;
+    pub fn new(manifest: &Manifest, defaults: Limits, policies: &HashMap<String, Arc<Policy>>) -> anyhow::Result<Runtime> {
+        let mut resolved = Vec::new();
+        for spec in &manifest.handlers {
+            let limits = HandlerLimits::resolve(spec, &defaults).with_context(|| format!("limits of handler {}", spec.name))?;
+            resolved.push((spec, limits));
+        }
+        let engine = Engine::new(&engine_config(&defaults, &resolved))?;
 
         let mut linker: Linker<EventState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
 
         let mut by_type = HashMap::new();
-        for spec in &manifest.handlers {
-            let started = std::time::Instant::now();
+        for (spec, limits) in resolved {
+            let started = Instant::now();
             let component = Component::from_file(&engine, &spec.component)
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("cannot load component {} of handler {}", spec.component.display(), spec.name))?;
@@ -129,7 +201,16 @@ impl Runtime {
                     )
                 })?;
             tracing::info!(handler = %spec.name, types = ?spec.types, ms = started.elapsed().as_millis() as u64, "handler compiled");
-            let loaded = Arc::new(LoadedHandler { name: spec.name.clone(), pre });
+            let policy = policies
+                .get(&spec.name)
+                .cloned()
+                .with_context(|| format!("no SQL policy for handler {}", spec.name))?;
+            let loaded = Arc::new(LoadedHandler {
+                name: spec.name.clone(),
+                limits,
+                policy,
+                pre,
+            });
             for ty in &spec.types {
                 by_type.insert(ty.clone(), loaded.clone());
             }
@@ -142,22 +223,31 @@ impl Runtime {
                 ticker.increment_epoch();
             }
         })?;
-        Ok(Runtime { engine, by_type, limits })
+        Ok(Runtime { engine, by_type })
     }
 
     pub fn route(&self, event_type: &str) -> Option<&Arc<LoadedHandler>> {
         self.by_type.get(event_type)
     }
 
-    /// Runs `handler` on `event` inside `tx` and gives `tx` back.
+    /// Runs `handler` on `event` inside `tx` and gives `tx` back. On
+    /// PostgreSQL the handler's statements run as `role`.
     pub async fn run(
         &self,
         handler: &LoadedHandler,
         event: &CloudEvent,
-        tx: EventTx,
-        policy: Arc<Policy>,
+        mut tx: EventTx,
+        role: Option<&str>,
     ) -> (Option<EventTx>, Result<types::Outcome, Rejection>) {
-        let stdio = MemoryOutputPipe::new(STDIO_CAPACITY);
+        let limits = handler.limits;
+        let deadline = Instant::now() + limits.deadline;
+        let use_role = role.is_some();
+        if let Err(rejection) = tx.enter_handler(role, limits.statement_timeout, deadline).await {
+            return (Some(tx), Err(rejection));
+        }
+
+        let stdio_capacity = usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX);
+        let stdio = MemoryOutputPipe::new(stdio_capacity);
         let wasi = WasiCtxBuilder::new()
             .stdout(stdio.clone())
             .stderr(stdio.clone())
@@ -165,56 +255,122 @@ impl Runtime {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(self.limits.memory_bytes).unwrap_or(usize::MAX))
-            .build();
         let state = EventState {
             tx: Some(tx),
-            policy,
+            policy: handler.policy.clone(),
             handler: Arc::from(handler.name.as_str()),
             event_source: event.source.clone(),
             event_id: event.id.clone(),
-            doom: None,
             limits,
+            statements: 0,
+            log_bytes: 0,
+            doom: None,
+            memory: MemoryGuard { cap: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX), hit: false },
             wasi,
             table: ResourceTable::new(),
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
+        store.limiter(|state| &mut state.memory);
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
+        if let Some(fuel) = limits.fuel {
+            // Fuel metering is on in the engine only when some handler asks.
+            let _ = store.set_fuel(fuel);
+        }
 
         let wit_event = to_wit_event(event);
         let call = async {
             let instance = handler.pre.instantiate_async(&mut store).await?;
             instance.call_handle(&mut store, &wit_event).await
         };
-        let returned = tokio::time::timeout(self.limits.deadline, call).await;
+        let returned = tokio::time::timeout(limits.deadline, call).await;
 
         let state = store.data_mut();
-        let tx = state.tx.take();
-        let doom = state.doom.take();
+        let mut tx = state.tx.take();
         let printed = stdio.contents();
         log_stdio(&handler.name, event, &printed);
-        let name = handler.name.clone();
-        let verdict = match returned {
-            Err(_elapsed) => Err(Rejection::Deadline { handler: name, seconds: self.limits.deadline.as_secs_f64() }),
-            Ok(Err(error)) => Err(match doom {
-                Some(Doom::HostFault(rejection)) => rejection,
-                Some(Doom::Refused(message)) => Rejection::StatementRefused { handler: name, message },
-                _ => Rejection::Trap { handler: name, message: describe_trap(&error, &printed) },
-            }),
-            Ok(Ok(result)) => judge(name, doom, result),
+        let stdio_full = printed.len() >= stdio_capacity;
+        let log_total = state.log_bytes + printed.len() as u64;
+        let run = Run {
+            handler: handler.name.clone(),
+            doom: state.doom.take(),
+            memory_hit: state.memory.hit,
+            log_exceeded: stdio_full || log_total > limits.max_log_bytes,
+            deadline: limits.deadline,
         };
+        let mut verdict = run.judge(returned, &printed);
+        if let Some(tx) = tx.as_mut()
+            && let Err(rejection) = tx.leave_handler(use_role).await
+            && verdict.is_ok()
+        {
+            verdict = Err(rejection);
+        }
         (tx, verdict)
     }
 }
 
-/// The engine: epoch interruption for deadlines, and a pooling instance
-/// allocator so a fresh instance per event costs a few microseconds (its
-/// memory slots are reserved once and reused).
-fn engine_config(limits: &Limits) -> Config {
-    let slots = limits.concurrent_runs.saturating_add(4);
+/// What the run left behind, to decide the event by.
+struct Run {
+    handler: String,
+    doom: Option<Doom>,
+    memory_hit: bool,
+    log_exceeded: bool,
+    deadline: Duration,
+}
+
+type Returned = Result<wasmtime::Result<Result<types::Outcome, types::HandlerError>>, tokio::time::error::Elapsed>;
+
+impl Run {
+    /// Decides the event. In order: a database outage (503, retry); the
+    /// deadline; any other limit; a refused statement (a deterministic bug:
+    /// 422); a trap; the handler's own error; and a handler that returns `Ok`
+    /// after a failed statement gets 500, since nothing it did can commit.
+    fn judge(self, returned: Returned, printed: &[u8]) -> Result<types::Outcome, Rejection> {
+        let handler = self.handler;
+        let limit = |limit: LimitKind, message: String| Rejection::Limit { handler: handler.clone(), limit, message };
+        if let Some(Doom::HostFault(rejection)) = self.doom {
+            return Err(rejection);
+        }
+        let result = match returned {
+            Err(_elapsed) => return Err(Rejection::Deadline { handler, seconds: self.deadline.as_secs_f64() }),
+            Ok(result) => result,
+        };
+        if let Some(Doom::Limit(kind, message)) = &self.doom {
+            return Err(limit(*kind, message.clone()));
+        }
+        if self.memory_hit {
+            return Err(limit(LimitKind::Memory, "linear memory would grow past the cap".into()));
+        }
+        if self.log_exceeded {
+            return Err(limit(LimitKind::LogVolume, "log lines and stdout/stderr exceeded the cap".into()));
+        }
+        if let Err(error) = &result
+            && matches!(error.downcast_ref::<Trap>(), Some(Trap::OutOfFuel))
+        {
+            return Err(limit(LimitKind::Fuel, "the handler ran out of fuel".into()));
+        }
+        match (self.doom, result) {
+            (Some(Doom::Refused(message)), _) => Err(Rejection::StatementRefused { handler, message }),
+            (_, Err(error)) => Err(Rejection::Trap { handler, message: describe_trap(&error, printed) }),
+            (_, Ok(Err(types::HandlerError::Permanent(message)))) => Err(Rejection::Permanent { handler, message }),
+            (_, Ok(Err(types::HandlerError::Retryable(message)))) => Err(Rejection::Retryable { handler, message }),
+            (Some(Doom::Failed(message)), Ok(Ok(_))) => Err(Rejection::StatementFailed { handler, message }),
+            (_, Ok(Ok(outcome))) => Ok(outcome),
+        }
+    }
+}
+
+/// The engine: epoch interruption for deadlines, fuel when some handler asks
+/// for it, and a pooling instance allocator so a fresh instance per event
+/// costs a few microseconds (its memory slots are reserved once and reused).
+fn engine_config(defaults: &Limits, handlers: &[(&HandlerSpec, HandlerLimits)]) -> Config {
+    let slots = defaults.concurrent_runs.saturating_add(4);
+    let largest_memory = handlers
+        .iter()
+        .map(|(_, limits)| limits.memory_bytes)
+        .chain([defaults.memory_bytes])
+        .max()
+        .unwrap_or(defaults.memory_bytes);
     let mut pooling = PoolingAllocationConfig::new();
     pooling
         .total_component_instances(slots)
@@ -224,29 +380,14 @@ fn engine_config(limits: &Limits) -> Config {
         .total_memories(slots.saturating_mul(2))
         .total_tables(slots.saturating_mul(8))
         .total_stacks(slots)
-        .max_memory_size(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX));
+        .max_memory_size(usize::try_from(largest_memory).unwrap_or(usize::MAX));
     let mut config = Config::new();
     config
         .wasm_component_model(true)
         .epoch_interruption(true)
+        .consume_fuel(handlers.iter().any(|(_, limits)| limits.fuel.is_some()))
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     config
-}
-
-/// Decides the event from the handler's own result and the statements it
-/// ran. A database outage outranks everything (503, retry); a refused
-/// statement is a deterministic bug (422); then the handler's own error;
-/// and a handler that returns `Ok` after a failed statement gets 500, since
-/// nothing it did can commit.
-fn judge(handler: String, doom: Option<Doom>, result: Result<types::Outcome, types::HandlerError>) -> Result<types::Outcome, Rejection> {
-    match (doom, result) {
-        (Some(Doom::HostFault(rejection)), _) => Err(rejection),
-        (Some(Doom::Refused(message)), _) => Err(Rejection::StatementRefused { handler, message }),
-        (_, Err(types::HandlerError::Permanent(message))) => Err(Rejection::Permanent { handler, message }),
-        (_, Err(types::HandlerError::Retryable(message))) => Err(Rejection::Retryable { handler, message }),
-        (Some(Doom::Failed(message)), Ok(_)) => Err(Rejection::StatementFailed { handler, message }),
-        (None, Ok(outcome)) => Ok(outcome),
-    }
 }
 
 fn to_wit_event(event: &CloudEvent) -> types::Event {
@@ -286,5 +427,11 @@ fn log_stdio(handler: &str, event: &CloudEvent, printed: &[u8]) {
     }
     for line in String::from_utf8_lossy(printed).lines() {
         tracing::info!(target: "exactly::handler", handler, source = %event.source, id = %event.id, stdio = true, "{line}");
+    }
+}
+
+impl EventState {
+    fn row_caps(&self) -> RowCaps {
+        RowCaps { max_rows: self.limits.max_rows, max_bytes: self.limits.max_result_bytes }
     }
 }

@@ -10,7 +10,8 @@
 use super::bindings::exactly::handler::tx::Host;
 use super::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
 use super::{Doom, EventState};
-use crate::convert::{StatementError, StatementOutput};
+use crate::answer::LimitKind;
+use crate::convert::{Blame, StatementError, StatementOutput};
 
 impl EventState {
     async fn statement(&mut self, sql: String, params: Vec<Value>, want_rows: bool) -> Result<StatementOutput, DbError> {
@@ -24,6 +25,12 @@ impl EventState {
                 ),
             });
         }
+        self.statements += 1;
+        if self.statements > self.limits.max_statements {
+            let message = format!("more than {} statements in one event", self.limits.max_statements);
+            self.doom = Some(Doom::Limit(LimitKind::Statements, message.clone()));
+            return Err(DbError { kind: DbErrorKind::Failed, code: None, message });
+        }
         let admitted = match self.policy.check(&sql) {
             Ok(admitted) => admitted,
             Err(reason) => {
@@ -33,17 +40,20 @@ impl EventState {
                 return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
             }
         };
+        let caps = self.row_caps();
         let Some(tx) = self.tx.as_mut() else {
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message: "no open transaction".into() });
         };
-        match tx.run_handler_statement(admitted, params, want_rows).await {
+        match tx.run_handler_statement(admitted, params, want_rows, caps).await {
             Ok(output) => Ok(output),
-            Err(StatementError { error, host_fault }) => {
+            Err(StatementError { error, blame }) => {
                 tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
                     code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", error.message);
-                self.doom = Some(match host_fault {
-                    Some(rejection) => Doom::HostFault(rejection),
-                    None => Doom::Failed(error.message.clone()),
+                self.doom = Some(match blame {
+                    Blame::Handler => Doom::Failed(error.message.clone()),
+                    Blame::Refused => Doom::Refused(format!("the database refused {:?}: {}", shorten(&sql), error.message)),
+                    Blame::Limit(kind) => Doom::Limit(kind, error.message.clone()),
+                    Blame::Host(rejection) => Doom::HostFault(rejection),
                 });
                 Err(error)
             }
@@ -54,7 +64,7 @@ impl EventState {
 impl Doom {
     fn describe(&self) -> String {
         match self {
-            Doom::Refused(message) | Doom::Failed(message) => message.clone(),
+            Doom::Refused(message) | Doom::Failed(message) | Doom::Limit(_, message) => message.clone(),
             Doom::HostFault(rejection) => rejection.to_string(),
         }
     }
