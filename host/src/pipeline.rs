@@ -57,7 +57,8 @@ impl Pipeline {
         }
         let payload_sha256 = event.payload_sha256();
         let mut tx = self.database.begin().await?;
-        match tx.claim(event, &handler.name, &payload_sha256).await {
+        let role = self.roles.get(&handler.name).map(String::as_str);
+        match tx.claim(event, &handler.name, &payload_sha256, role, handler.limits.statement_timeout).await {
             Ok(Claim::Owned) => {}
             Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
                 tx.rollback().await;
@@ -72,8 +73,7 @@ impl Pipeline {
             }
         }
 
-        let role = self.roles.get(&handler.name).map(String::as_str);
-        let (tx, verdict) = self.runtime.run(handler, event, tx, role).await;
+        let (tx, verdict) = self.runtime.run(handler, event, tx).await;
         let Some(mut tx) = tx else {
             return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
         };

@@ -109,6 +109,11 @@ fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String
     }
     let mut ctes = CteNames::default();
     let _ = statement.visit(&mut ctes);
+    if let ControlFlow::Break(function) = statement.visit(&mut FunctionCheck) {
+        return Err(format!(
+            "function {function} is not allowed: it could change the session (role, settings) or reach outside the handler's tables"
+        ));
+    }
     if let ControlFlow::Break(refusal) = visit_relations(statement, |relation: &ObjectName| {
         if is_reserved(relation) {
             return ControlFlow::Break(format!(
@@ -145,6 +150,48 @@ impl Visitor for CteNames {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Refuses functions that change the session or reach the server's files,
+/// locks, large objects or other databases. `set_config('role', …)` would
+/// otherwise undo the per-handler role, `pg_advisory_lock` could hold the
+/// host's migration lock, `pg_read_file` reads server files.
+struct FunctionCheck;
+
+impl Visitor for FunctionCheck {
+    type Break = String;
+
+    fn pre_visit_expr(&mut self, expr: &sqlparser::ast::Expr) -> ControlFlow<String> {
+        if let sqlparser::ast::Expr::Function(function) = expr
+            && let Some(name) = function.name.0.last().and_then(|part| part.as_ident())
+            && is_denied_function(&name.value.to_ascii_lowercase())
+        {
+            return ControlFlow::Break(function.name.to_string());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn is_denied_function(name: &str) -> bool {
+    const DENIED: [&str; 9] = [
+        "set_config",
+        "current_setting",
+        "load_extension",
+        "readfile",
+        "writefile",
+        "edit",
+        "fts3_tokenizer",
+        "query_to_xml",
+        "query_to_xml_and_xmlschema",
+    ];
+    const DENIED_PREFIXES: [&str; 4] = ["pg_", "lo_", "dblink", "sqlite_"];
+    // pg_sleep stays: a sleeping statement is cut off by statement_timeout.
+    if name == "pg_sleep" {
+        return false;
+    }
+    DENIED.contains(&name)
+        || DENIED_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+        || name.ends_with("_to_xml")
 }
 
 /// The table a relation names, if it is in the default schema (`public` on
@@ -293,6 +340,25 @@ mod tests {
         for sql in ["WITH x AS (SELECT * FROM orders) SELECT * FROM x", "SELECT * FROM public.orders", "SELECT 1"] {
             assert!(judge(Backend::Postgres, &own(), sql).is_ok(), "{sql}");
         }
+    }
+
+    #[test]
+    fn refuses_session_and_server_functions() {
+        for sql in [
+            "SELECT set_config('role', 'none', true)",
+            "SELECT * FROM orders WHERE current_setting('role') = 'x'",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT PG_READ_FILE('/etc/passwd')",
+            "SELECT lo_import('/etc/passwd')",
+            "SELECT pg_catalog.set_config('role', 'none', true)",
+            "INSERT INTO orders (id) VALUES (pg_terminate_backend(1))",
+            "SELECT load_extension('x')",
+        ] {
+            for verdict in both(sql) {
+                assert!(verdict.is_err(), "{sql} was admitted");
+            }
+        }
+        assert!(judge(Backend::Postgres, &own(), "SELECT pg_sleep(1), count(*), now() FROM orders").is_ok());
     }
 
     #[test]

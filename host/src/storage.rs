@@ -100,6 +100,7 @@ impl Database {
                 .context("invalid PostgreSQL URL")?
                 .application_name("exactly")
                 .options([
+                    ("standard_conforming_strings", "on".to_owned()),
                     ("statement_timeout", format!("{}ms", options.statement_timeout.as_millis())),
                     ("lock_timeout", format!("{}ms", options.lock_timeout.as_millis())),
                 ]);
@@ -359,20 +360,36 @@ impl EventTx {
     /// Claims `(source, id)`. On PostgreSQL a concurrent first delivery holds
     /// the row lock, so this waits for it (bounded by `lock_timeout`) and
     /// then sees its committed row, or owns the event if it rolled back.
-    pub async fn claim(&mut self, event: &CloudEvent, handler: &str, payload_sha256: &[u8]) -> Result<Claim, Rejection> {
+    /// On PostgreSQL the same statement that claims the event also switches
+    /// to the handler's role and statement timeout (`set_config(…, true)` is
+    /// `SET LOCAL`): one round trip, and nothing is switched for a duplicate.
+    pub async fn claim(
+        &mut self,
+        event: &CloudEvent,
+        handler: &str,
+        payload_sha256: &[u8],
+        role: Option<&str>,
+        statement_timeout: Option<Duration>,
+    ) -> Result<Claim, Rejection> {
         let inserted = match self {
             EventTx::Postgres(tx) => sqlx::query(
-                "INSERT INTO exactly.processed_events (source, id, type, handler, payload_sha256)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, id) DO NOTHING",
+                "WITH claim AS (
+                     INSERT INTO exactly.processed_events (source, id, type, handler, payload_sha256)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, id) DO NOTHING RETURNING 1)
+                 SELECT set_config('role', COALESCE($6, current_user::text), true),
+                        set_config('statement_timeout', COALESCE($7, current_setting('statement_timeout')), true)
+                 FROM claim",
             )
             .bind(&event.source)
             .bind(&event.id)
             .bind(&event.ty)
             .bind(handler)
             .bind(payload_sha256)
-            .execute(&mut **tx)
+            .bind(role)
+            .bind(statement_timeout.map(|t| format!("{}ms", t.as_millis().max(1))))
+            .fetch_optional(&mut **tx)
             .await
-            .map(|r| r.rows_affected()),
+            .map(|row| u64::from(row.is_some())),
             EventTx::Sqlite(tx) => sqlx::query(
                 "INSERT INTO exactly_processed_events (source, id, type, handler, payload_sha256)
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (source, id) DO NOTHING",
@@ -432,18 +449,20 @@ impl EventTx {
             .map_err(|e| Rejection::Internal(e.to_string()))?;
         let status = answer.status as i16;
         let updated = match self {
-            EventTx::Postgres(tx) => sqlx::query(
-                "UPDATE exactly.processed_events SET status = $3, reply = $4::jsonb, result = $5::jsonb
-                 WHERE source = $1 AND id = $2",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(status)
-            .bind(reply)
-            .bind(result)
-            .execute(&mut **tx)
-            .await
-            .map(|r| r.rows_affected()),
+            // Back to the host's role and the UPDATE in one round trip: a
+            // simple-protocol batch, so the values travel as literals
+            // (`standard_conforming_strings` is forced on per connection).
+            EventTx::Postgres(tx) => {
+                let batch = format!(
+                    "RESET ROLE; UPDATE exactly.processed_events SET status = {status}, reply = {}::jsonb, result = {}::jsonb \
+                     WHERE source = {} AND id = {}",
+                    reply.as_deref().map_or(Ok("NULL".to_owned()), sql_literal)?,
+                    sql_literal(result)?,
+                    sql_literal(&event.source)?,
+                    sql_literal(&event.id)?,
+                );
+                sqlx::raw_sql(AssertSqlSafe(batch)).execute(&mut **tx).await.map(|r| r.rows_affected())
+            }
             EventTx::Sqlite(tx) => sqlx::query(
                 "UPDATE exactly_processed_events SET status = ?3, reply = ?4, result = ?5 WHERE source = ?1 AND id = ?2",
             )
@@ -517,45 +536,23 @@ impl EventTx {
         }
     }
 
-    /// Hands the transaction to a handler: on PostgreSQL switch to the
-    /// handler's role (the second wall after the SQL policy) and its
-    /// statement timeout, in one round trip; on SQLite install a progress
+    /// Hands the transaction to a handler. On SQLite, install a progress
     /// handler that interrupts any statement once the event's deadline has
-    /// passed (SQLite has no statement timeout of its own).
-    pub async fn enter_handler(&mut self, role: Option<&str>, statement_timeout: Option<Duration>, deadline: Instant) -> Result<(), Rejection> {
-        match self {
-            EventTx::Postgres(tx) => {
-                let mut sql = String::new();
-                if let Some(role) = role {
-                    sql.push_str(&format!("SET LOCAL ROLE {};", quote_ident(role)));
-                }
-                if let Some(timeout) = statement_timeout {
-                    sql.push_str(&format!("SET LOCAL statement_timeout = {};", timeout.as_millis().max(1)));
-                }
-                if !sql.is_empty() {
-                    sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **tx).await.map_err(classify)?;
-                }
-            }
-            EventTx::Sqlite(tx) => {
-                let mut handle = tx.lock_handle().await.map_err(classify)?;
-                handle.set_progress_handler(10_000, move || Instant::now() < deadline);
-            }
+    /// passed (SQLite has no statement timeout of its own). On PostgreSQL the
+    /// claim already switched to the handler's role and statement timeout.
+    pub async fn enter_handler(&mut self, deadline: Instant) -> Result<(), Rejection> {
+        if let EventTx::Sqlite(tx) = self {
+            let mut handle = tx.lock_handle().await.map_err(classify)?;
+            handle.set_progress_handler(10_000, move || Instant::now() < deadline);
         }
         Ok(())
     }
 
-    /// Takes the transaction back from the handler: the host's own role and
-    /// no interrupting progress handler.
-    pub async fn leave_handler(&mut self, role_was_set: bool) -> Result<(), Rejection> {
-        match self {
-            EventTx::Postgres(tx) => {
-                if role_was_set {
-                    sqlx::raw_sql("RESET ROLE").execute(&mut **tx).await.map_err(classify)?;
-                }
-            }
-            EventTx::Sqlite(tx) => {
-                tx.lock_handle().await.map_err(classify)?.remove_progress_handler();
-            }
+    /// Takes the transaction back from the handler. On PostgreSQL storing the
+    /// answer resets the role.
+    pub async fn leave_handler(&mut self) -> Result<(), Rejection> {
+        if let EventTx::Sqlite(tx) = self {
+            tx.lock_handle().await.map_err(classify)?.remove_progress_handler();
         }
         Ok(())
     }
@@ -601,6 +598,16 @@ where
         rows.push(values);
     }
     Ok(StatementOutput::Rows(Rows { columns: columns.unwrap_or_default(), rows }))
+}
+
+/// A PostgreSQL string literal. Safe because every connection runs with
+/// `standard_conforming_strings = on` (backslashes are plain characters) and
+/// NUL, which PostgreSQL text cannot hold, is refused.
+fn sql_literal(text: &str) -> Result<String, Rejection> {
+    if text.contains('\0') {
+        return Err(Rejection::Internal("a value to store contains a NUL character".into()));
+    }
+    Ok(format!("'{}'", text.replace('\'', "''")))
 }
 
 /// A PostgreSQL identifier in double quotes.

@@ -230,19 +230,16 @@ impl Runtime {
         self.by_type.get(event_type)
     }
 
-    /// Runs `handler` on `event` inside `tx` and gives `tx` back. On
-    /// PostgreSQL the handler's statements run as `role`.
+    /// Runs `handler` on `event` inside `tx` and gives `tx` back.
     pub async fn run(
         &self,
         handler: &LoadedHandler,
         event: &CloudEvent,
         mut tx: EventTx,
-        role: Option<&str>,
     ) -> (Option<EventTx>, Result<types::Outcome, Rejection>) {
         let limits = handler.limits;
         let deadline = Instant::now() + limits.deadline;
-        let use_role = role.is_some();
-        if let Err(rejection) = tx.enter_handler(role, limits.statement_timeout, deadline).await {
+        if let Err(rejection) = tx.enter_handler(deadline).await {
             return (Some(tx), Err(rejection));
         }
 
@@ -300,7 +297,7 @@ impl Runtime {
         };
         let mut verdict = run.judge(returned, &printed);
         if let Some(tx) = tx.as_mut()
-            && let Err(rejection) = tx.leave_handler(use_role).await
+            && let Err(rejection) = tx.leave_handler().await
             && verdict.is_ok()
         {
             verdict = Err(rejection);
