@@ -79,8 +79,26 @@ fn dialect(backend: Backend) -> &'static dyn Dialect {
 
 fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String, String> {
     let dialect = dialect(backend);
-    let statements = Parser::parse_sql(dialect, sql)
-        .map_err(|e| format!("the statement could not be parsed ({e}); exactly runs only statements it can check"))?;
+    // SQLite stops reading at a NUL, and sqlx's SQLite driver then loops
+    // forever on the text after it.
+    if sql.contains('\0') {
+        return Err("the statement contains a NUL character".into());
+    }
+    // sqlparser's PostgreSQL tokenizer drops the character after a bare `?`
+    // (`a ?; COMMIT`, `x ?'' , hidden --'`): it would check another
+    // statement than the one the database runs.
+    if !tokens_cover(dialect, sql) {
+        return Err("the statement holds text the parser skips, so exactly cannot check it".into());
+    }
+    let unparsable = |e| format!("the statement could not be parsed ({e}); exactly runs only statements it can check");
+    let mut parser = Parser::new(dialect).try_with_sql(sql).map_err(unparsable)?;
+    let statements = parser.parse_statements().map_err(unparsable)?;
+    // The parser stops without an error at a bare END after a statement
+    // (`SELECT 1 END; COMMIT`) and drops the rest, which the database would
+    // still run.
+    if parser.peek_token().token != Token::EOF {
+        return Err("the string holds text after its statement that exactly cannot check".into());
+    }
     let statement = match statements.as_slice() {
         [one] => one,
         [] => return Err("the string holds no statement".into()),
@@ -107,6 +125,9 @@ fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String
             ));
         }
     }
+    if statement.visit(&mut TableExpression).is_break() {
+        return Err("TABLE name is not allowed; write SELECT * FROM name".into());
+    }
     let mut ctes = CteNames::default();
     let _ = statement.visit(&mut ctes);
     if let ControlFlow::Break(function) = statement.visit(&mut FunctionCheck) {
@@ -132,6 +153,38 @@ fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String
     match backend {
         Backend::Postgres => Ok(sql.to_owned()),
         Backend::Sqlite => numbered_placeholders(dialect, sql),
+    }
+}
+
+/// Whether the tokens account for every character of `sql` (whitespace
+/// and letter case aside).
+fn tokens_cover(dialect: &dyn Dialect, sql: &str) -> bool {
+    let Ok(tokens) = Tokenizer::new(dialect, sql).with_unescape(false).tokenize() else {
+        return false;
+    };
+    let essential = |text: &str| -> String {
+        text.chars().filter(|c| !c.is_whitespace()).flat_map(char::to_lowercase).collect()
+    };
+    let printed: String = tokens.iter().map(ToString::to_string).collect();
+    essential(&printed) == essential(sql)
+}
+
+/// Finds `TABLE name` (PostgreSQL's `SELECT * FROM name`), whose name
+/// `visit_relations` does not see.
+struct TableExpression;
+
+impl Visitor for TableExpression {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        fn names_table(body: &SetExpr) -> bool {
+            match body {
+                SetExpr::Table(_) => true,
+                SetExpr::SetOperation { left, right, .. } => names_table(left) || names_table(right),
+                _ => false,
+            }
+        }
+        if names_table(&query.body) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     }
 }
 
