@@ -26,6 +26,8 @@ pub enum Rejection {
     InvalidEvent(String),
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("event ({event_source}, {id}) was already processed with a different payload: a (source, id) must not be reused")]
     KeyReused { event_source: String, id: String },
     #[error("no handler is registered for event type {0:?}")]
@@ -66,6 +68,7 @@ impl Rejection {
         match self {
             InvalidEvent(_) => StatusCode::BAD_REQUEST,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             KeyReused { .. } | NoHandler(_) | Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -83,6 +86,7 @@ impl Rejection {
         match self {
             InvalidEvent(_) => "invalid-event",
             PayloadTooLarge(_) => "payload-too-large",
+            RequestTimeout(_) => "request-timeout",
             KeyReused { .. } => "key-reused",
             NoHandler(_) => "no-handler",
             Permanent { .. } => "permanent",

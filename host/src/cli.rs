@@ -104,6 +104,11 @@ struct ServeArgs {
     #[arg(long, env = "EXACTLY_HANDLER_MEMORY_MIB", default_value_t = 128)]
     handler_memory_mib: u64,
 
+    /// How long a client may take to send a request body once its headers
+    /// arrived; a slower client gets 408.
+    #[arg(long, env = "EXACTLY_BODY_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    body_read_timeout: Duration,
+
     /// How long in-flight events may take to finish after SIGTERM.
     #[arg(long, env = "EXACTLY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -186,6 +191,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen,
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: args.shutdown_grace,
+        body_read_timeout: args.body_read_timeout,
         database,
         runtime,
         roles,

@@ -2,9 +2,9 @@
 //!
 //! `POST /` takes one CloudEvent; `GET /healthz` says the process is alive,
 //! `GET /readyz` that it can take events (database reachable, handlers
-//! loaded, not shutting down). The body is read under a size limit before
-//! anything else looks at it. Each event is processed in its own task, so a
-//! client that hangs up does not cut a transaction short.
+//! loaded, not shutting down). The body is read under a size limit and a
+//! time limit before anything else looks at it. Each event is processed in
+//! its own task, so a client that hangs up does not cut a transaction short.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -41,14 +41,29 @@ pub struct ServerConfig {
     pub runtime: Runtime,
     /// PostgreSQL role of each handler (empty on SQLite).
     pub roles: HashMap<String, String>,
+    /// How long a client may take to send the request body once its
+    /// headers arrived ([`DEFAULT_BODY_READ_TIMEOUT`] unless configured);
+    /// a slower client gets 408.
+    pub body_read_timeout: Duration,
 }
 
 /// Time allowed for a client to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default of [`ServerConfig::body_read_timeout`] (`--body-read-timeout`).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much of a refused body (413, 503) is read and thrown away, and for
+/// how long, before the connection closes. Closing a socket with unread data
+/// makes the kernel send a reset, and a client still uploading may then lose
+/// the answer instead of reading it.
+const DRAIN_MAX_BYTES: u64 = 16 * 1024 * 1024;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
+
 struct App {
     pipeline: Pipeline,
     max_body_bytes: usize,
+    body_read_timeout: Duration,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
     idle: Notify,
@@ -60,6 +75,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let app = Arc::new(App {
         pipeline: Pipeline::new(config.database, config.runtime, config.roles),
         max_body_bytes: config.max_body_bytes,
+        body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
         idle: Notify::new(),
@@ -159,37 +175,47 @@ impl App {
                 }
             }
             (_, "/") => {
-                let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "POST a CloudEvent to /");
+                let message = format!("{} / is not served: POST a CloudEvent to /", request.method());
+                let mut response = json_error(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", &message);
                 response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("POST"));
                 response
             }
-            _ => plain(StatusCode::NOT_FOUND, "not found"),
+            (method, path) => {
+                let message = format!("{method} {path} is not served: POST CloudEvents to /");
+                json_error(StatusCode::NOT_FOUND, "not-found", &message)
+            }
         }
     }
 
     async fn receive(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let (parts, mut body) = request.into_parts();
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Rejection::ShuttingDown.into_response();
+            return refuse_body(&parts.headers, body, Rejection::ShuttingDown);
         }
-        let (parts, body) = request.into_parts();
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|length| length > self.max_body_bytes as u64) {
-            return Rejection::PayloadTooLarge(self.max_body_bytes).into_response();
+            return refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes));
         }
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return Rejection::PayloadTooLarge(self.max_body_bytes).into_response();
+        let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, self.max_body_bytes)).await;
+        let body = match read {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(BodyError::TooLarge)) => {
+                return refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes));
             }
-            Err(error) => {
-                return Rejection::InvalidEvent(format!("the request body could not be read: {error}")).into_response();
+            Ok(Err(BodyError::Read(error))) => {
+                let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
+                return closing(rejection.into_response());
+            }
+            Err(_elapsed) => {
+                tracing::info!(timeout = ?self.body_read_timeout, "the request body did not arrive in time");
+                return closing(Rejection::RequestTimeout(self.body_read_timeout).into_response());
             }
         };
-        let event = match decode(&parts.headers, Vec::from(body)) {
+        let event = match decode(&parts.headers, body) {
             Ok(event) => event,
             Err(rejection) => {
                 tracing::info!(error = rejection.code(), "{rejection}");
@@ -228,6 +254,75 @@ impl App {
             Err(error) => Rejection::Internal(format!("the event task failed: {error}")).into_response(),
         }
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// Reads the whole body, refusing it as soon as it grows past `limit`.
+async fn read_body(body: &mut Incoming, limit: usize) -> Result<Vec<u8>, BodyError> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(BodyError::Read)?.into_data() {
+            if bytes.len() + data.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Answers `rejection` without reading the rest of the body, and closes the
+/// connection once the answer is out. Unless the client waits for `100
+/// Continue` (then it sends no body at all), what it still sends is read and
+/// dropped in the background, within bounds, so that it receives the
+/// answer rather than a connection reset.
+fn refuse_body(headers: &http::HeaderMap, body: Incoming, rejection: Rejection) -> Response<Body> {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects_continue {
+        tokio::spawn(drain(body));
+    }
+    closing(rejection.into_response())
+}
+
+async fn drain(mut body: Incoming) {
+    let discard = async {
+        let mut drained = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                drained += data.len() as u64;
+                if drained > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_MAX_TIME, discard).await;
+}
+
+/// Marks `response` as the last one on its connection.
+fn closing(mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
+}
+
+/// A non-2xx answer outside the event path, shaped like a rejection's:
+/// a JSON body `{"error", "message"}` and the `kne-exactlyerror` header.
+fn json_error(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": code, "message": message });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    headers.insert(crate::answer::ERROR_HEADER, http::HeaderValue::from_static(code));
+    response
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
