@@ -648,7 +648,7 @@ pub fn is_contention(code: &str) -> bool {
 
 /// The server is going away or refuses connections.
 pub fn is_unavailable(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "3D000" | "28P01" | "28000")
 }
 
 /// Hides the password of a database URL in messages.

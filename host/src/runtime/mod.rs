@@ -294,6 +294,10 @@ impl Runtime {
             memory_hit: state.memory.hit,
             log_exceeded: stdio_full || log_total > limits.max_log_bytes,
             deadline: limits.deadline,
+            // A statement SQLite's progress handler interrupted was cut off
+            // by the deadline too: answer it as such, not by which of the
+            // two mechanisms noticed first.
+            past_deadline: Instant::now() >= deadline,
         };
         let mut verdict = run.judge(returned, &printed);
         if let Some(tx) = tx.as_mut()
@@ -313,6 +317,7 @@ struct Run {
     memory_hit: bool,
     log_exceeded: bool,
     deadline: Duration,
+    past_deadline: bool,
 }
 
 type Returned = Result<wasmtime::Result<Result<types::Outcome, types::HandlerError>>, tokio::time::error::Elapsed>;
@@ -329,8 +334,8 @@ impl Run {
             return Err(rejection);
         }
         let result = match returned {
-            Err(_elapsed) => return Err(Rejection::Deadline { handler, seconds: self.deadline.as_secs_f64() }),
-            Ok(result) => result,
+            Ok(result) if !self.past_deadline => result,
+            _ => return Err(Rejection::Deadline { handler, seconds: self.deadline.as_secs_f64() }),
         };
         if let Some(Doom::Limit(kind, message)) = &self.doom {
             return Err(limit(*kind, message.clone()));
