@@ -18,6 +18,10 @@
 //! Layout: [`backend`] creates and inspects the test databases, [`event`]
 //! builds CloudEvents and their two HTTP encodings, [`app`] finds, starts and
 //! stops the binary, [`answer`] reads what it answered.
+//!
+//! The sandbox tests add the `hostile` handler, which attacks its sandbox,
+//! with a `[handler.limits]` table of their choice:
+//! [`TestApp::spawn_with_hostile`] and [`HandlerLimits`].
 
 pub mod answer;
 pub mod app;
