@@ -7,12 +7,14 @@
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
-//! [`server`] wires HTTP, [`cli`] the command line.
+//! [`server`] wires HTTP, [`cli`] the command line; [`fault`] holds the
+//! test-only crash points.
 
 pub mod answer;
 pub mod cli;
 pub mod convert;
 pub mod decode;
+pub mod fault;
 pub mod manifest;
 pub mod pipeline;
 pub mod policy;

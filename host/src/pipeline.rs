@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::answer::{Committed, Rejection, ReplyEvent};
 use crate::decode::CloudEvent;
+use crate::fault::{self, Point};
 use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
 use crate::runtime::{LoadedHandler, Runtime};
 use crate::storage::{Claim, Database};
@@ -59,7 +60,7 @@ impl Pipeline {
         let mut tx = self.database.begin().await?;
         let role = self.roles.get(&handler.name).map(String::as_str);
         match tx.claim(event, &handler.name, &payload_sha256, role, handler.limits.statement_timeout).await {
-            Ok(Claim::Owned) => {}
+            Ok(Claim::Owned) => fault::hit(Point::AfterClaim),
             Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
                 tx.rollback().await;
                 if stored != payload_sha256 {
@@ -77,6 +78,7 @@ impl Pipeline {
         let Some(mut tx) = tx else {
             return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
         };
+        fault::hit(Point::AfterHandler);
         let prepared = verdict.and_then(|outcome| prepare_answer(handler, event, outcome));
         let (answer, result) = match prepared {
             Ok(prepared) => prepared,
@@ -89,7 +91,9 @@ impl Pipeline {
             tx.rollback().await;
             return Err(rejection);
         }
+        fault::hit(Point::BeforeCommit);
         tx.commit().await?;
+        fault::hit(Point::AfterCommit);
         Ok(Processed { answer, replay: false, handler: handler.name.clone() })
     }
 }
