@@ -15,9 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::manifest::Manifest;
 use crate::runtime::{Limits, Runtime};
-use crate::server::{self, ServerConfig};
+use crate::pipeline::Pipeline;
+use crate::server::{self, ServerConfig, Startup};
 use crate::policy::Policy;
-use crate::storage::{Backend, Database, DbOptions, handler_tables};
+use crate::storage::{self, Backend, Database, DbOptions, handler_tables};
 
 #[derive(Parser, Debug)]
 #[command(name = "exactly", version, about = "Exactly-once CloudEvent sink running sandboxed WebAssembly handlers")]
@@ -160,6 +161,7 @@ async fn migrate(args: CommonArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    crate::fault::check_env()?;
     let manifest = Manifest::load(&args.common.handlers)?;
     let limits = Limits {
         deadline: args.handler_timeout,
@@ -179,24 +181,66 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
     let runtime = Runtime::new(&manifest, limits, &policies)?;
-    let database = Database::connect(&args.common.db_options()).await?;
-    if !args.no_migrate {
-        database.migrate(&manifest).await?;
-    }
-    let roles = database.handler_roles(&manifest).await?;
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.port)));
+    let options = args.common.db_options();
+    let migrate = !args.no_migrate;
+    let startup = match open_database(&options, &manifest, migrate).await {
+        Ok((database, roles)) => Startup::Ready(Pipeline::new(database, runtime, roles)),
+        Err(error) if storage::is_transient(&error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "the database is not reachable: serving 503 and /readyz not ready until it is"
+            );
+            Startup::Waiting(Box::pin(async move {
+                let mut delay = DB_RETRY_FIRST;
+                loop {
+                    tokio::time::sleep(delay).await;
+                    match open_database(&options, &manifest, migrate).await {
+                        Ok((database, roles)) => {
+                            tracing::info!("the database is reachable: ready");
+                            return Ok(Pipeline::new(database, runtime, roles));
+                        }
+                        Err(error) if storage::is_transient(&error) => {
+                            delay = (delay * 2).min(DB_RETRY_MAX);
+                            tracing::warn!(error = format!("{error:#}"), retry_in = ?delay, "the database is still not reachable");
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+            }))
+        }
+        Err(error) => return Err(error),
+    };
     server::run(ServerConfig {
         listen,
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: args.shutdown_grace,
         body_read_timeout: args.body_read_timeout,
-        database,
-        runtime,
-        roles,
+        startup,
     })
     .await
+}
+
+/// Backoff between start-up attempts to reach the database.
+const DB_RETRY_FIRST: Duration = Duration::from_millis(250);
+const DB_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Connects, applies the migrations (unless told not to) and reads the
+/// handlers' PostgreSQL roles: everything `serve` needs from the database
+/// before it can take events.
+async fn open_database(
+    options: &DbOptions,
+    manifest: &Manifest,
+    migrate: bool,
+) -> anyhow::Result<(Database, HashMap<String, String>)> {
+    let database = Database::connect(options).await?;
+    if migrate {
+        database.migrate(manifest).await?;
+    }
+    let roles = database.handler_roles(manifest).await?;
+    Ok((database, roles))
 }
 
 fn init_logging(format: LogFormat) {

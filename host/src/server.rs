@@ -9,10 +9,11 @@
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
 
-use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,21 +31,25 @@ use tokio::sync::Notify;
 use crate::answer::{Body, Rejection};
 use crate::decode::decode;
 use crate::pipeline::Pipeline;
-use crate::runtime::Runtime;
-use crate::storage::Database;
 
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
-    pub database: Database,
-    pub runtime: Runtime,
-    /// PostgreSQL role of each handler (empty on SQLite).
-    pub roles: HashMap<String, String>,
+    pub startup: Startup,
     /// How long a client may take to send the request body once its
     /// headers arrived ([`DEFAULT_BODY_READ_TIMEOUT`] unless configured);
     /// a slower client gets 408.
     pub body_read_timeout: Duration,
+}
+
+/// The event pipeline, or the work that will produce it.
+pub enum Startup {
+    /// Database reachable, migrations applied, handlers loaded.
+    Ready(Pipeline),
+    /// The database was out of reach at start-up: serve 503 (and `/readyz`
+    /// not ready) while this retries; an error ends the process.
+    Waiting(Pin<Box<dyn Future<Output = anyhow::Result<Pipeline>> + Send>>),
 }
 
 /// Time allowed for a client to send its request headers.
@@ -61,7 +66,8 @@ const DRAIN_MAX_BYTES: u64 = 16 * 1024 * 1024;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
 
 struct App {
-    pipeline: Pipeline,
+    /// Set once the database is reachable and migrated.
+    pipeline: OnceLock<Pipeline>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     shutting_down: AtomicBool,
@@ -72,8 +78,12 @@ struct App {
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
     let local = listener.local_addr()?;
+    let (pipeline, mut waiting) = match config.startup {
+        Startup::Ready(pipeline) => (OnceLock::from(pipeline), None),
+        Startup::Waiting(bring_up) => (OnceLock::new(), Some(bring_up)),
+    };
     let app = Arc::new(App {
-        pipeline: Pipeline::new(config.database, config.runtime, config.roles),
+        pipeline,
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
@@ -85,6 +95,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     println!("exactly listening on http://{local}");
 
     let graceful = GracefulShutdown::new();
+    let mut failure = None;
     let mut stop = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
@@ -115,6 +126,18 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     }
                 });
             }
+            brought_up = async { waiting.as_mut().expect("guarded").await }, if waiting.is_some() => {
+                waiting = None;
+                match brought_up {
+                    Ok(pipeline) => {
+                        let _ = app.pipeline.set(pipeline);
+                    }
+                    Err(error) => {
+                        failure = Some(error.context("the database came back, but exactly cannot start on it"));
+                        break;
+                    }
+                }
+            }
             () = &mut stop => break,
         }
     }
@@ -135,7 +158,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if tokio::time::timeout(config.shutdown_grace, drained).await.is_err() {
         tracing::warn!(in_flight = app.in_flight.load(Ordering::SeqCst), "grace period over; unfinished events roll back");
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 async fn shutdown_signal() {
@@ -168,7 +191,9 @@ impl App {
             (&Method::GET, "/readyz") => {
                 if self.shutting_down.load(Ordering::SeqCst) {
                     plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-                } else if self.pipeline.database.ping().await {
+                } else if let Some(pipeline) = self.pipeline.get()
+                    && pipeline.database.ping().await
+                {
                     plain(StatusCode::OK, "ready")
                 } else {
                     plain(StatusCode::SERVICE_UNAVAILABLE, "database unreachable")
@@ -191,6 +216,10 @@ impl App {
         let (parts, mut body) = request.into_parts();
         if self.shutting_down.load(Ordering::SeqCst) {
             return refuse_body(&parts.headers, body, Rejection::ShuttingDown);
+        }
+        if self.pipeline.get().is_none() {
+            let waiting = Rejection::DatabaseUnavailable("exactly is starting and waits for the database".into());
+            return refuse_body(&parts.headers, body, waiting);
         }
         let declared = parts
             .headers
@@ -227,7 +256,8 @@ impl App {
         let app = self.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let result = app.pipeline.process(&event).await;
+            let pipeline = app.pipeline.get().expect("checked before the body was read");
+            let result = pipeline.process(&event).await;
             let micros = started.elapsed().as_micros() as u64;
             match &result {
                 Ok(processed) => tracing::info!(

@@ -639,6 +639,21 @@ pub fn classify(error: sqlx::Error) -> Rejection {
     }
 }
 
+/// Whether a start-up failure is the database being out of reach (down,
+/// restarting, refusing connections, the database or its role not created
+/// yet) rather than a mistake waiting cannot cure: a malformed URL, a
+/// migration that fails, a changed migration file.
+pub fn is_transient(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            let code = db.code().unwrap_or_default();
+            is_unavailable(&code) || is_contention(&code)
+        }
+        Some(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed) => true,
+        _ => false,
+    })
+}
+
 /// Lock and serialization conflicts, statement timeouts (PostgreSQL), and
 /// SQLITE_BUSY / SQLITE_LOCKED with their extended codes.
 pub fn is_contention(code: &str) -> bool {

@@ -17,12 +17,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
-both_backends!(busy_event_is_answered_503, shutting_down_refuses_new_events);
+both_backends!(
+    busy_event_is_answered_503,
+    shutting_down_refuses_new_events,
+    grace_period_bounds_the_shutdown
+);
 
 mod postgres_only {
     #[tokio::test]
     async fn database_unavailable_is_answered_503() {
         super::database_unavailable_is_answered_503().await
+    }
+
+    #[tokio::test]
+    async fn start_up_waits_for_the_database() {
+        super::start_up_waits_for_the_database().await
     }
 }
 
@@ -86,16 +95,18 @@ impl Host {
     }
 
     async fn send(&self, event: &Event) -> Answer {
+        self.try_send(event)
+            .await
+            .unwrap_or_else(|error| panic!("POST: {error}\n{}", self.log()))
+    }
+
+    async fn try_send(&self, event: &Event) -> Result<Answer, reqwest::Error> {
         let mut request = self.client.post(format!("{}/", self.address));
         for (name, value) in event.binary_headers() {
             request = request.header(name, value);
         }
-        let response = request
-            .body(event.data_bytes())
-            .send()
-            .await
-            .unwrap_or_else(|error| panic!("POST: {error}\n{}", self.log()));
-        Answer::read(response).await
+        let response = request.body(event.data_bytes()).send().await?;
+        Ok(Answer::read(response).await)
     }
 
     async fn get(&self, path: &str) -> Answer {
@@ -280,6 +291,54 @@ async fn shutting_down_refuses_new_events(backend: Backend) {
     );
 }
 
+/// SIGTERM while events run longer than the grace period: the process exits
+/// 0 when the grace period is over, and the unfinished events roll back
+/// (their client gets no answer, so the broker redelivers them), while
+/// those that finished in time are committed.
+async fn grace_period_bounds_the_shutdown(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let url = env.database_url().to_owned();
+    let mut host = Host::start(&env, &url, &["--shutdown-grace", "1s"]).await;
+    let db = env.connect().await;
+
+    let short = Event::new("test.sleep").with_data(json!({"ms": 300}));
+    let long = Event::new("test.sleep").with_data(json!({"ms": 20000}));
+    let pid = host.child.id().expect("the host runs");
+    let (short_answer, long_answer, signalled) = tokio::join!(
+        host.send(&short),
+        async { host.try_send(&long).await.map(|answer| answer.status) },
+        async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let killed = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("run kill");
+            assert!(killed.success());
+            std::time::Instant::now()
+        }
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), host.child.wait())
+        .await
+        .expect("the host exits soon after the grace period")
+        .expect("wait for the host");
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status}:\n{}", host.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "exited after {took:?}, not after the 1 s grace period"
+    );
+    short_answer.assert_processed();
+    assert!(
+        long_answer.is_err(),
+        "the unfinished event got no answer, the broker will redeliver it: {long_answer:?}"
+    );
+    assert_eq!(stored(&db, backend, &short).await, 1);
+    assert_eq!(effects(&db, &short).await, 1);
+    assert_eq!(stored(&db, backend, &long).await, 0, "the unfinished event rolled back");
+    assert_eq!(effects(&db, &long).await, 0);
+    assert!(host.log().contains("grace period over"), "{}", host.log());
+}
+
 /// A TCP proxy in front of PostgreSQL that the test can cut (as if the
 /// server went away: connections drop, new ones are refused) and restore.
 struct Proxy {
@@ -355,6 +414,51 @@ async fn database_unavailable_is_answered_503() {
     let _restored = proxy.restore().await;
     host.send(&event).await.assert_processed();
     host.get("/readyz").await.assert_status(200);
+    assert_eq!(stored(&db, backend, &event).await, 1);
+    assert_eq!(effects(&db, &event).await, 1);
+}
+
+/// PostgreSQL is not there when `exactly serve` starts (as when a pod comes
+/// up before its database): the process keeps running, says it is alive but
+/// not ready, answers events 503, and starts serving them once the database
+/// appears, without a restart.
+async fn start_up_waits_for_the_database() {
+    let backend = Backend::Postgres;
+    let env = TestEnv::new(backend).await;
+    let mut url = reqwest::Url::parse(env.database_url()).expect("a URL");
+    let upstream = format!(
+        "{}:{}",
+        url.host_str().expect("a host"),
+        url.port().unwrap_or(5432)
+    );
+    // A port nothing listens on yet: the proxy opens it later.
+    let port = {
+        let probe = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        probe.local_addr().expect("its address").port()
+    };
+    url.set_port(Some(port)).expect("set the port");
+    let host = Host::start(&env, url.as_str(), &[]).await;
+    let db = env.connect().await;
+
+    host.get("/healthz").await.assert_status(200);
+    host.get("/readyz").await.assert_status(503);
+    let event = Event::new("test.count").with_data(json!({"before": "the database"}));
+    host.send(&event).await.assert_error(503, "database-unavailable");
+    assert!(
+        host.log().contains("the database is not reachable"),
+        "the wait is logged:\n{}",
+        host.log()
+    );
+
+    let _proxy = Proxy::start(port, &upstream).await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while host.get("/readyz").await.status != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("ready once the database is there:\n{}", host.log()));
+    host.send(&event).await.assert_processed();
     assert_eq!(stored(&db, backend, &event).await, 1);
     assert_eq!(effects(&db, &event).await, 1);
 }
