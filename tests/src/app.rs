@@ -185,6 +185,7 @@ pub fn standard_handlers() -> Vec<HandlerEntry> {
                 "test.emit",
                 "test.sleep",
                 "test.echo",
+                "test.bad-reply",
             ],
         ),
     ]

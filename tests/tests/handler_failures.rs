@@ -11,6 +11,7 @@ both_backends!(
     transaction_control_is_refused,
     swallowed_statement_error_fails_the_event,
     permanent_error_rolls_back,
+    unusable_outcome_rolls_back,
 );
 
 /// Nothing of `event` remains: no claim, no testkit effect.
@@ -110,6 +111,18 @@ async fn permanent_error_rolls_back(backend: Backend) {
 
     // Not stored: a redelivery is not a replay.
     app.send_binary(&event).await.assert_error(422, "permanent");
+    assert_nothing_stored(&app, &event).await;
+    assert_eq!(app.processed_count().await, 0);
+}
+
+/// A reply event the host cannot send (no type): 422 `bad-outcome`, and the
+/// handler's effects roll back with the claim.
+async fn unusable_outcome_rolls_back(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.bad-reply");
+
+    let error = app.send_binary(&event).await.assert_error(422, "bad-outcome");
+    assert!(error.message.contains("reply type"), "the message says why: {error:?}");
     assert_nothing_stored(&app, &event).await;
     assert_eq!(app.processed_count().await, 0);
 }

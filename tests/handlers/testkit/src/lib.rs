@@ -86,6 +86,8 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
             std::thread::sleep(std::time::Duration::from_millis(sleep.ms));
             Ok(ran())
         }
+        // A reply without a type: the host must refuse the outcome.
+        "test.bad-reply" => Ok(ran().with_reply(Reply::new(""))),
         "test.echo" => Ok(Outcome::json(data_or_null(&event)?)),
         other => Err(Error::permanent(format!(
             "testkit has no behaviour for event type {other:?}"
