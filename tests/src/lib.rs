@@ -27,6 +27,7 @@ pub mod answer;
 pub mod app;
 pub mod backend;
 pub mod event;
+pub mod harness;
 
 pub use answer::{Answer, ErrorBody};
 pub use app::{HandlerEntry, HandlerLimits, ProcessedEvent, TestApp, TestEnv};
