@@ -25,7 +25,7 @@
 //! for every incarnation, e.g. `after-commit=0.0002`), `--log FILTER` (the
 //! host's log filter, default `warn`), `--component NAME=PATH` (use this
 //! component for handler NAME instead of `dist/NAME.wasm`), `--keep` (keep
-//! the folders and the PostgreSQL server), `--quiet`.
+//! the folders: the host's log and PostgreSQL's data), `--quiet`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

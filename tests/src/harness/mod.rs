@@ -79,8 +79,8 @@ pub struct Config {
     pub components: Vec<(String, PathBuf)>,
     /// Print each fault as it fires, and progress.
     pub verbose: bool,
-    /// Keep the temporary folders (and the PostgreSQL server) afterwards;
-    /// they are always kept when the verdict is not clean.
+    /// Keep the temporary folders (the host's log, PostgreSQL's data)
+    /// afterwards; they are always kept when the verdict is not clean.
     pub keep: bool,
 }
 
@@ -432,10 +432,9 @@ pub async fn run(config: Config) -> Result<Report> {
         cluster.keep();
         dir.disable_cleanup(true);
         eprintln!(
-            "harness: kept the host's folder {} (log: {}) and PostgreSQL at {}",
+            "harness: kept the host's folder {} (log: {})",
             dir.path().display(),
             report.host_log.display(),
-            cluster.database_url()
         );
     }
     Ok(report)

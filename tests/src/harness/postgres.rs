@@ -40,8 +40,8 @@ impl StopMode {
     }
 }
 
-/// A private, throwaway PostgreSQL server. Stopped (immediately) and
-/// deleted when dropped, unless [`PgCluster::keep`] was called.
+/// A private, throwaway PostgreSQL server. Stopped (immediately) when
+/// dropped, and its folder deleted unless [`PgCluster::keep`] was called.
 pub struct PgCluster {
     bin: PathBuf,
     dir: std::sync::Mutex<Option<tempfile::TempDir>>,
@@ -160,8 +160,8 @@ impl PgCluster {
         &self.path
     }
 
-    /// Keeps the folder and the server running after the harness ends
-    /// (to inspect a failed run).
+    /// Keeps the folder after the harness ends (to inspect a failed run);
+    /// the server is stopped all the same.
     pub fn keep(&self) {
         if let Some(dir) = self.dir.lock().unwrap().take() {
             let _ = dir.keep();
@@ -296,19 +296,29 @@ impl PgCluster {
 }
 
 impl Drop for PgCluster {
+    /// Stops the server (a leftover server would hold memory and a port
+    /// after the run); deletes its folder unless it was kept.
     fn drop(&mut self) {
-        if self.dir.lock().unwrap().is_none() {
-            eprintln!(
-                "harness: kept PostgreSQL running at {} (folder {})",
-                self.url(DATABASE),
-                self.path.display()
-            );
-            return;
-        }
         let data = self.data_dir();
         let _ = self
             .command("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"])
             .output();
+        if self.dir.lock().unwrap().is_none() {
+            let prefix = if self.as_postgres {
+                "runuser -u postgres -- "
+            } else {
+                ""
+            };
+            eprintln!(
+                "harness: kept PostgreSQL's folder {}; to look at it: {prefix}{} -D {data} -l {} \
+                 -o \"{}\" start, then psql {}",
+                self.path.display(),
+                self.bin.join("pg_ctl").display(),
+                self.log_path(),
+                self.server_options(),
+                self.url(DATABASE)
+            );
+        }
     }
 }
 
