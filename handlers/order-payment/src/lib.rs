@@ -10,6 +10,7 @@
 //! |---|---|
 //! | the order is pending | `{"status":"payment_processed",…}`, a `payments` row, an `order_events` row of kind `paid` |
 //! | the order does not exist (yet) | retryable error: the broker redelivers, and dead-letters it after its retries; never lost, never marked processed |
+//! | the order was created while this payment ran (PostgreSQL: the UPDATE saw no order, a later read sees it pending) | retryable error: the redelivery pays it |
 //! | the order is paid by this very payment (a new event for an old payment) | `{"status":"already_paid",…}`, no new rows |
 //! | the order is paid by another payment | permanent error: a double payment needs a human (refund?) |
 //! | the order has any other status | permanent error naming the status |
@@ -103,6 +104,15 @@ fn order_not_pending(tx: &Tx, payment: &Payment) -> Result<Outcome, Error> {
         )));
     };
     let status: String = first.get("status")?;
+    if status == "pending" {
+        // The UPDATE found no pending order, yet this read (a newer snapshot
+        // under PostgreSQL's READ COMMITTED) finds one: its order.created
+        // committed in between. The payment is fine; run it again.
+        return Err(Error::retryable(format!(
+            "order {} appeared while payment {} was applied; try again",
+            payment.order_id, payment.payment_id
+        )));
+    }
     if status != "paid" {
         return Err(Error::permanent(format!(
             "order {} has status {status:?}; payment {} cannot be applied to it",
