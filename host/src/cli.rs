@@ -1,4 +1,4 @@
-//! The command line: `exactly serve` and `exactly migrate`.
+//! The command line: `exactly serve`, `exactly migrate` and `exactly dlq`.
 //!
 //! Every flag has an environment fallback so the same binary runs unchanged
 //! as a Knative Service (configuration by environment) and on a laptop.
@@ -45,20 +45,29 @@ enum Command {
     Serve(ServeArgs),
     /// Apply the host schema and every handler's migrations, then exit.
     Migrate(CommonArgs),
+    /// Dead letters stored by `POST /dead-letter`: list them, replay them.
+    Dlq(crate::dlq::DlqArgs),
 }
 
 #[derive(Args, Debug)]
 struct CommonArgs {
-    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
-    /// (the SQLite file is created if missing). Credentials belong in the
-    /// environment, not on the command line.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
-    database_url: String,
+    #[command(flatten)]
+    database: DatabaseArgs,
 
     /// The handler manifest (TOML): which component handles which event
     /// types, and where its migrations are.
     #[arg(long, env = "EXACTLY_HANDLERS", default_value = "handlers.toml")]
     handlers: PathBuf,
+}
+
+/// How to reach the database: every command that touches it takes these.
+#[derive(Args, Debug)]
+pub(crate) struct DatabaseArgs {
+    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
+    /// (the SQLite file is created if missing). Credentials belong in the
+    /// environment, not on the command line.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
+    database_url: String,
 
     /// Maximum database connections in the pool (PostgreSQL; SQLite uses one
     /// writer connection).
@@ -117,6 +126,12 @@ struct ServeArgs {
 
 impl CommonArgs {
     fn db_options(&self) -> DbOptions {
+        self.database.db_options()
+    }
+}
+
+impl DatabaseArgs {
+    pub(crate) fn db_options(&self) -> DbOptions {
         DbOptions {
             url: self.database_url.clone(),
             max_connections: self.db_max_connections,
@@ -140,6 +155,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Dlq(args) => crate::dlq::run(args).await,
         }
     });
     match result {
@@ -169,10 +185,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .handler_memory_mib
             .checked_mul(1024 * 1024)
             .context("--handler-memory-mib is too large")?,
-        concurrent_runs: args.common.db_max_connections,
+        concurrent_runs: args.common.database.db_max_connections,
         max_body_bytes: args.max_body_bytes as u64,
     };
-    let backend = Backend::from_url(&args.common.database_url)?;
+    let backend = Backend::from_url(&args.common.database.database_url)?;
     let mut policies = HashMap::new();
     for handler in &manifest.handlers {
         let tables = handler_tables(handler, backend)?;
