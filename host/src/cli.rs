@@ -106,6 +106,13 @@ struct ServeArgs {
     #[arg(long, env = "EXACTLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
 
+    /// Largest dead letter accepted on `POST /dead-letter`, in bytes. Larger
+    /// than `--max-body-bytes` on purpose: a dead letter carries the original
+    /// event (perhaps refused 413 itself) plus Knative's error report, and a
+    /// dead letter refused here is lost.
+    #[arg(long, env = "EXACTLY_MAX_DEAD_LETTER_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_dead_letter_bytes: usize,
+
     /// Wall-clock deadline for one event's handler run.
     #[arg(long, env = "EXACTLY_HANDLER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     handler_timeout: Duration,
@@ -232,6 +239,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server::run(ServerConfig {
         listen,
         max_body_bytes: args.max_body_bytes,
+        max_dead_letter_bytes: args.max_dead_letter_bytes.max(args.max_body_bytes),
         shutdown_grace: args.shutdown_grace,
         body_read_timeout: args.body_read_timeout,
         startup,

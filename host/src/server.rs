@@ -3,9 +3,10 @@
 //! `POST /` takes one CloudEvent; `POST /dead-letter` takes one that the
 //! Knative dispatcher dead-lettered (stored, never run: [`crate::dlq`]);
 //! `GET /healthz` says the process is alive, `GET /readyz` that it can take
-//! events (database reachable, handlers loaded, not shutting down). The body is read under a size limit and a
-//! time limit before anything else looks at it. Each event is processed in
-//! its own task, so a client that hangs up does not cut a transaction short.
+//! events (database reachable, handlers loaded, not shutting down). The body
+//! is read under a size limit and a time limit before anything else looks at
+//! it. Each event is processed in its own task, so a client that hangs up
+//! does not cut a transaction short.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -37,6 +38,8 @@ use crate::pipeline::Pipeline;
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Body limit of `POST /dead-letter` (at least `max_body_bytes`).
+    pub max_dead_letter_bytes: usize,
     pub shutdown_grace: Duration,
     pub startup: Startup,
     /// How long a client may take to send the request body once its
@@ -71,6 +74,7 @@ struct App {
     /// Set once the database is reachable and migrated.
     pipeline: OnceLock<Pipeline>,
     max_body_bytes: usize,
+    max_dead_letter_bytes: usize,
     body_read_timeout: Duration,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -87,6 +91,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let app = Arc::new(App {
         pipeline,
         max_body_bytes: config.max_body_bytes,
+        max_dead_letter_bytes: config.max_dead_letter_bytes,
         body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
@@ -222,7 +227,7 @@ impl App {
     }
 
     async fn receive(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let event = match self.read_event(request).await {
+        let event = match self.read_event(request, self.max_body_bytes).await {
             Ok(event) => event,
             Err(response) => return response,
         };
@@ -262,7 +267,7 @@ impl App {
 
     /// Reads the request body (within the size and time limits) and
     /// decodes it into a CloudEvent, or answers why it cannot.
-    async fn read_event(&self, request: Request<Incoming>) -> Result<CloudEvent, Response<Body>> {
+    async fn read_event(&self, request: Request<Incoming>, limit: usize) -> Result<CloudEvent, Response<Body>> {
         let (parts, mut body) = request.into_parts();
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(refuse_body(&parts.headers, body, Rejection::ShuttingDown));
@@ -276,14 +281,14 @@ impl App {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.max_body_bytes as u64) {
-            return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes)));
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(limit)));
         }
-        let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, self.max_body_bytes)).await;
+        let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, limit)).await;
         let body = match read {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(BodyError::TooLarge)) => {
-                return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes)));
+                return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(limit)));
             }
             Ok(Err(BodyError::Read(error))) => {
                 let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
@@ -303,7 +308,7 @@ impl App {
     /// `POST /dead-letter`: stores the dead-lettered event (see [`dlq`]) and
     /// answers 202 once it is committed; runs no handler.
     async fn receive_dead_letter(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let event = match self.read_event(request).await {
+        let event = match self.read_event(request, self.max_dead_letter_bytes).await {
             Ok(event) => event,
             Err(response) => return response,
         };

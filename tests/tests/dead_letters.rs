@@ -23,6 +23,7 @@ both_backends!(
     failed_replays_are_recorded_and_exit_non_zero,
     malformed_dead_letters_are_refused,
     busy_database_answers_503_and_stores_nothing,
+    dead_letters_may_be_larger_than_events,
 );
 
 /// What the Knative dispatcher adds to the event it dead-letters, after
@@ -580,4 +581,37 @@ async fn busy_database_answers_503_and_stores_nothing(backend: Backend) {
         .await
         .assert_accepted();
     assert_eq!(app.db.integer(&count, &[]).await, 1);
+}
+
+/// An event refused 413 is dead-lettered whole, plus Knative's report: the
+/// dead-letter path has a limit of its own (`--max-dead-letter-bytes`), or
+/// that dead letter would be refused and lost.
+async fn dead_letters_may_be_larger_than_events(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let flags = [
+        "--max-body-bytes",
+        "1024",
+        "--max-dead-letter-bytes",
+        "16384",
+    ];
+    let app = env.serve_with_flags(&flags).await;
+    let big = Event::new("test.count").with_data(json!({"pad": "x".repeat(4000)}));
+    let failed = app.send_binary(&big).await;
+    failed.assert_error(413, "payload-too-large");
+
+    post_dead_letter(&app, &big, &failed)
+        .await
+        .assert_accepted();
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["error_code"], "413");
+    let data: Value =
+        serde_json::from_str(items[0]["data"].as_str().expect("data as text")).expect("JSON data");
+    assert_eq!(data, big.data, "the data is stored whole");
+
+    let huge = Event::new("test.count").with_data(json!({"pad": "x".repeat(40_000)}));
+    post_dead_letter(&app, &huge, &failed)
+        .await
+        .assert_error(413, "payload-too-large");
+    assert_eq!(list_json(app.env(), &[]).await.len(), 1);
 }
