@@ -25,6 +25,8 @@
 //! `knativeerror*` extensions are left out) and records the attempt on its
 //! row: `replayed_at` is set only when the target answered 2xx.
 
+use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -37,11 +39,12 @@ use http_body_util::{BodyExt, Full};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
+use sqlx::sqlite::SqliteConnectOptions;
 
 use crate::answer::{Body, Rejection};
 use crate::cli::DatabaseArgs;
 use crate::decode::{CloudEvent, SPEC_VERSION};
-use crate::storage::{Database, classify};
+use crate::storage::{Backend, Database, classify};
 
 /// The path the Knative Trigger's `delivery.deadLetterSink` points at.
 pub const PATH: &str = "/dead-letter";
@@ -280,6 +283,21 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
         DlqCommand::List(args) => list(args).await,
         DlqCommand::Replay(args) => replay(args).await,
     }
+}
+
+/// Opens the database of a `dlq` command. Unlike `serve` and `migrate` it
+/// never creates a SQLite file: a mistyped path is an error, not a new,
+/// empty database.
+async fn connect(args: &DatabaseArgs) -> anyhow::Result<Database> {
+    let options = args.db_options();
+    if Backend::from_url(&options.url)? == Backend::Sqlite {
+        let sqlite = SqliteConnectOptions::from_str(&options.url).context("invalid SQLite URL")?;
+        let file = sqlite.get_filename();
+        if file != Path::new(":memory:") && !file.exists() {
+            bail!("the SQLite database {} does not exist", file.display());
+        }
+    }
+    Database::connect(&options).await
 }
 
 /// `--since` / `--until`: RFC 3339, or a duration back from now.
@@ -525,7 +543,7 @@ impl DeadLetter {
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let database = Database::connect(&args.database.db_options()).await?;
+    let database = connect(&args.database).await?;
     let dead_letters = select(&database, &args).await?;
     if args.json {
         let all: Vec<serde_json::Value> = dead_letters.iter().map(DeadLetter::to_json).collect();
@@ -612,7 +630,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         Some(other) => bail!("--to {:?}: only http:// is supported (got {other}://); use the in-cluster address", args.to),
         None => bail!("--to {:?} is not an absolute http:// URL", args.to),
     }
-    let database = Database::connect(&args.database.db_options()).await?;
+    let database = connect(&args.database).await?;
     let client: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let mut failed = 0usize;
