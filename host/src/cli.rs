@@ -1,4 +1,4 @@
-//! The command line: `exactly serve` and `exactly migrate`.
+//! The command line: `exactly serve`, `exactly migrate` and `exactly dlq`.
 //!
 //! Every flag has an environment fallback so the same binary runs unchanged
 //! as a Knative Service (configuration by environment) and on a laptop.
@@ -45,20 +45,29 @@ enum Command {
     Serve(ServeArgs),
     /// Apply the host schema and every handler's migrations, then exit.
     Migrate(CommonArgs),
+    /// Dead letters stored by `POST /dead-letter`: list them, replay them.
+    Dlq(crate::dlq::DlqArgs),
 }
 
 #[derive(Args, Debug)]
 struct CommonArgs {
-    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
-    /// (the SQLite file is created if missing). Credentials belong in the
-    /// environment, not on the command line.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
-    database_url: String,
+    #[command(flatten)]
+    database: DatabaseArgs,
 
     /// The handler manifest (TOML): which component handles which event
     /// types, and where its migrations are.
     #[arg(long, env = "EXACTLY_HANDLERS", default_value = "handlers.toml")]
     handlers: PathBuf,
+}
+
+/// How to reach the database: every command that touches it takes these.
+#[derive(Args, Debug)]
+pub(crate) struct DatabaseArgs {
+    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
+    /// (the SQLite file is created if missing). Credentials belong in the
+    /// environment, not on the command line.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
+    database_url: String,
 
     /// Maximum database connections in the pool (PostgreSQL; SQLite uses one
     /// writer connection).
@@ -97,6 +106,13 @@ struct ServeArgs {
     #[arg(long, env = "EXACTLY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
 
+    /// Largest dead letter accepted on `POST /dead-letter`, in bytes. Larger
+    /// than `--max-body-bytes` on purpose: a dead letter carries the original
+    /// event (perhaps refused 413 itself) plus Knative's error report, and a
+    /// dead letter refused here is lost.
+    #[arg(long, env = "EXACTLY_MAX_DEAD_LETTER_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_dead_letter_bytes: usize,
+
     /// Wall-clock deadline for one event's handler run.
     #[arg(long, env = "EXACTLY_HANDLER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     handler_timeout: Duration,
@@ -117,6 +133,12 @@ struct ServeArgs {
 
 impl CommonArgs {
     fn db_options(&self) -> DbOptions {
+        self.database.db_options()
+    }
+}
+
+impl DatabaseArgs {
+    pub(crate) fn db_options(&self) -> DbOptions {
         DbOptions {
             url: self.database_url.clone(),
             max_connections: self.db_max_connections,
@@ -140,6 +162,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Dlq(args) => crate::dlq::run(args).await,
         }
     });
     match result {
@@ -169,10 +192,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .handler_memory_mib
             .checked_mul(1024 * 1024)
             .context("--handler-memory-mib is too large")?,
-        concurrent_runs: args.common.db_max_connections,
+        concurrent_runs: args.common.database.db_max_connections,
         max_body_bytes: args.max_body_bytes as u64,
     };
-    let backend = Backend::from_url(&args.common.database_url)?;
+    let backend = Backend::from_url(&args.common.database.database_url)?;
     let mut policies = HashMap::new();
     for handler in &manifest.handlers {
         let tables = handler_tables(handler, backend)?;
@@ -216,6 +239,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server::run(ServerConfig {
         listen,
         max_body_bytes: args.max_body_bytes,
+        max_dead_letter_bytes: args.max_dead_letter_bytes.max(args.max_body_bytes),
         shutdown_grace: args.shutdown_grace,
         body_read_timeout: args.body_read_timeout,
         startup,

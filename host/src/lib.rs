@@ -8,12 +8,14 @@
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
 //! [`server`] wires HTTP, [`cli`] the command line; [`fault`] holds the
-//! test-only crash points.
+//! test-only crash points. Dead-lettered events take a path of their own,
+//! [`dlq`]: stored, listed and replayed, never run.
 
 pub mod answer;
 pub mod cli;
 pub mod convert;
 pub mod decode;
+pub mod dlq;
 pub mod fault;
 pub mod manifest;
 pub mod pipeline;

@@ -378,6 +378,28 @@ mod tests {
     }
 
     #[test]
+    fn refuses_the_dead_letter_table() {
+        // Dead letters hold other events' data and steer `dlq replay`: a
+        // handler must neither read nor forge them, whatever it names them.
+        let mut tables = own();
+        tables.insert("dead_letters".into());
+        for sql in [
+            "SELECT * FROM exactly.dead_letters",
+            "SELECT data FROM \"exactly\".\"dead_letters\"",
+            "UPDATE exactly.dead_letters SET replayed_at = NULL",
+            "DELETE FROM exactly_dead_letters",
+            "INSERT INTO exactly_dead_letters (source) VALUES ('x')",
+            "SELECT * FROM EXACTLY_DEAD_LETTERS",
+            "WITH d AS (SELECT * FROM exactly_dead_letters) SELECT * FROM d",
+            "SELECT * FROM orders WHERE order_id IN (SELECT id FROM exactly.dead_letters)",
+        ] {
+            for backend in [Backend::Postgres, Backend::Sqlite] {
+                assert!(judge(backend, &tables, sql).is_err(), "{sql} was admitted on {backend:?}");
+            }
+        }
+    }
+
+    #[test]
     fn refuses_tables_that_are_not_the_handlers() {
         for sql in [
             "UPDATE test_effects SET note = 'x'",

@@ -1,10 +1,12 @@
 //! HTTP: hyper 1 on tokio.
 //!
-//! `POST /` takes one CloudEvent; `GET /healthz` says the process is alive,
-//! `GET /readyz` that it can take events (database reachable, handlers
-//! loaded, not shutting down). The body is read under a size limit and a
-//! time limit before anything else looks at it. Each event is processed in
-//! its own task, so a client that hangs up does not cut a transaction short.
+//! `POST /` takes one CloudEvent; `POST /dead-letter` takes one that the
+//! Knative dispatcher dead-lettered (stored, never run: [`crate::dlq`]);
+//! `GET /healthz` says the process is alive, `GET /readyz` that it can take
+//! events (database reachable, handlers loaded, not shutting down). The body
+//! is read under a size limit and a time limit before anything else looks at
+//! it. Each event is processed in its own task, so a client that hangs up
+//! does not cut a transaction short.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -29,12 +31,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::answer::{Body, Rejection};
-use crate::decode::decode;
+use crate::decode::{CloudEvent, decode};
+use crate::dlq;
 use crate::pipeline::Pipeline;
 
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Body limit of `POST /dead-letter` (at least `max_body_bytes`).
+    pub max_dead_letter_bytes: usize,
     pub shutdown_grace: Duration,
     pub startup: Startup,
     /// How long a client may take to send the request body once its
@@ -69,6 +74,7 @@ struct App {
     /// Set once the database is reachable and migrated.
     pipeline: OnceLock<Pipeline>,
     max_body_bytes: usize,
+    max_dead_letter_bytes: usize,
     body_read_timeout: Duration,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -85,6 +91,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let app = Arc::new(App {
         pipeline,
         max_body_bytes: config.max_body_bytes,
+        max_dead_letter_bytes: config.max_dead_letter_bytes,
         body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
@@ -187,6 +194,7 @@ impl App {
     async fn route(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::POST, "/") => self.receive(request).await,
+            (&Method::POST, dlq::PATH) => self.receive_dead_letter(request).await,
             (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
             (&Method::GET, "/readyz") => {
                 if self.shutting_down.load(Ordering::SeqCst) {
@@ -205,6 +213,12 @@ impl App {
                 response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("POST"));
                 response
             }
+            (_, dlq::PATH) => {
+                let message = format!("{} {} is not served: POST dead-lettered CloudEvents there", request.method(), dlq::PATH);
+                let mut response = json_error(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", &message);
+                response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+                response
+            }
             (method, path) => {
                 let message = format!("{method} {path} is not served: POST CloudEvents to /");
                 json_error(StatusCode::NOT_FOUND, "not-found", &message)
@@ -213,43 +227,9 @@ impl App {
     }
 
     async fn receive(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let (parts, mut body) = request.into_parts();
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return refuse_body(&parts.headers, body, Rejection::ShuttingDown);
-        }
-        if self.pipeline.get().is_none() {
-            let waiting = Rejection::DatabaseUnavailable("exactly is starting and waits for the database".into());
-            return refuse_body(&parts.headers, body, waiting);
-        }
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.max_body_bytes as u64) {
-            return refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes));
-        }
-        let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, self.max_body_bytes)).await;
-        let body = match read {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(BodyError::TooLarge)) => {
-                return refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes));
-            }
-            Ok(Err(BodyError::Read(error))) => {
-                let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
-                return closing(rejection.into_response());
-            }
-            Err(_elapsed) => {
-                tracing::info!(timeout = ?self.body_read_timeout, "the request body did not arrive in time");
-                return closing(Rejection::RequestTimeout(self.body_read_timeout).into_response());
-            }
-        };
-        let event = match decode(&parts.headers, body) {
+        let event = match self.read_event(request, self.max_body_bytes).await {
             Ok(event) => event,
-            Err(rejection) => {
-                tracing::info!(error = rejection.code(), "{rejection}");
-                return rejection.into_response();
-            }
+            Err(response) => return response,
         };
 
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -282,6 +262,78 @@ impl App {
             Ok(Ok(processed)) => processed.answer.into_response(processed.replay),
             Ok(Err(rejection)) => rejection.into_response(),
             Err(error) => Rejection::Internal(format!("the event task failed: {error}")).into_response(),
+        }
+    }
+
+    /// Reads the request body (within the size and time limits) and
+    /// decodes it into a CloudEvent, or answers why it cannot.
+    async fn read_event(&self, request: Request<Incoming>, limit: usize) -> Result<CloudEvent, Response<Body>> {
+        let (parts, mut body) = request.into_parts();
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(refuse_body(&parts.headers, body, Rejection::ShuttingDown));
+        }
+        if self.pipeline.get().is_none() {
+            let waiting = Rejection::DatabaseUnavailable("exactly is starting and waits for the database".into());
+            return Err(refuse_body(&parts.headers, body, waiting));
+        }
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(limit)));
+        }
+        let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, limit)).await;
+        let body = match read {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(BodyError::TooLarge)) => {
+                return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(limit)));
+            }
+            Ok(Err(BodyError::Read(error))) => {
+                let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
+                return Err(closing(rejection.into_response()));
+            }
+            Err(_elapsed) => {
+                tracing::info!(timeout = ?self.body_read_timeout, "the request body did not arrive in time");
+                return Err(closing(Rejection::RequestTimeout(self.body_read_timeout).into_response()));
+            }
+        };
+        decode(&parts.headers, body).map_err(|rejection| {
+            tracing::info!(error = rejection.code(), "{rejection}");
+            rejection.into_response()
+        })
+    }
+
+    /// `POST /dead-letter`: stores the dead-lettered event (see [`dlq`]) and
+    /// answers 202 once it is committed; runs no handler.
+    async fn receive_dead_letter(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let event = match self.read_event(request, self.max_dead_letter_bytes).await {
+            Ok(event) => event,
+            Err(response) => return response,
+        };
+        // Like an event: its own task, counted in flight, so neither a
+        // client hanging up nor a shutdown cuts the transaction short.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let app = self.clone();
+        let task = tokio::spawn(async move {
+            let pipeline = app.pipeline.get().expect("checked before the body was read");
+            let result = dlq::store(&pipeline.database, &event).await;
+            if let Err(rejection) = &result {
+                tracing::warn!(
+                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
+                    error = rejection.code(), "dead letter not stored, retry expected: {rejection}"
+                );
+            }
+            if app.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                app.idle.notify_waiters();
+            }
+            result
+        });
+        match task.await {
+            Ok(Ok(_stored)) => dlq::accepted(),
+            Ok(Err(rejection)) => rejection.into_response(),
+            Err(error) => Rejection::Internal(format!("the dead-letter task failed: {error}")).into_response(),
         }
     }
 }

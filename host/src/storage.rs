@@ -85,10 +85,14 @@ const MIGRATION_LOCK: i64 = 0x6578_6163_746c_7901;
 /// How long an event waits for a pooled connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-static HOST_MIGRATIONS_PG: &[(&str, &str)] =
-    &[("0001_processed_events.sql", include_str!("../migrations/postgres/0001_processed_events.sql"))];
-static HOST_MIGRATIONS_SQLITE: &[(&str, &str)] =
-    &[("0001_processed_events.sql", include_str!("../migrations/sqlite/0001_processed_events.sql"))];
+static HOST_MIGRATIONS_PG: &[(&str, &str)] = &[
+    ("0001_processed_events.sql", include_str!("../migrations/postgres/0001_processed_events.sql")),
+    ("0002_dead_letters.sql", include_str!("../migrations/postgres/0002_dead_letters.sql")),
+];
+static HOST_MIGRATIONS_SQLITE: &[(&str, &str)] = &[
+    ("0001_processed_events.sql", include_str!("../migrations/sqlite/0001_processed_events.sql")),
+    ("0002_dead_letters.sql", include_str!("../migrations/sqlite/0002_dead_letters.sql")),
+];
 
 impl Database {
     pub async fn connect(options: &DbOptions) -> anyhow::Result<Database> {

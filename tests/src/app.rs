@@ -357,6 +357,21 @@ impl TestEnv {
         command
     }
 
+    /// Runs `exactly dlq <args…> --database-url <the test's>` to the end.
+    /// No manifest is handed over: `dlq` needs the database only.
+    pub async fn dlq(&self, args: &[&str]) -> Output {
+        let mut command = self.exactly();
+        command
+            .arg("dlq")
+            .args(args)
+            .arg("--database-url")
+            .arg(self.database_url());
+        tokio::time::timeout(REQUEST_TIMEOUT, command.output())
+            .await
+            .expect("exactly dlq did not finish within a minute")
+            .expect("run exactly dlq")
+    }
+
     /// Runs `exactly migrate` to the end.
     pub async fn migrate(&self) -> Output {
         let mut command = self.exactly();
@@ -374,6 +389,11 @@ impl TestEnv {
 
     /// Starts `exactly serve` on a free port and waits until it listens.
     pub async fn serve(self) -> TestApp {
+        self.serve_with_flags(&[]).await
+    }
+
+    /// [`TestEnv::serve`] with extra flags for `exactly serve`.
+    pub async fn serve_with_flags(self, flags: &[&str]) -> TestApp {
         let stderr_path = self.dir.path().join("exactly.stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create the stderr log");
         let mut command = self.exactly();
@@ -385,6 +405,7 @@ impl TestEnv {
             .arg(self.database_url())
             .arg("--handlers")
             .arg(self.manifest())
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         let mut child = command
@@ -487,9 +508,20 @@ impl TestApp {
         self.env.backend()
     }
 
+    /// What the test owns besides the running host: folder, database URL,
+    /// and the `exactly` commands other than `serve`.
+    pub fn env(&self) -> &TestEnv {
+        &self.env
+    }
+
     /// POSTs a request to `/` as the Knative dispatcher would.
     pub async fn post(&self, headers: &[(String, String)], body: Vec<u8>) -> Answer {
-        let mut request = self.client.post(format!("{}/", self.address));
+        self.post_to("/", headers, body).await
+    }
+
+    /// POSTs a request to `path` (`/dead-letter`, say).
+    pub async fn post_to(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> Answer {
+        let mut request = self.client.post(format!("{}{path}", self.address));
         for (name, value) in headers {
             request = request.header(name.as_str(), value.as_str());
         }

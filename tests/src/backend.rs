@@ -25,6 +25,14 @@ impl Backend {
             Backend::Sqlite => "exactly_processed_events",
         }
     }
+
+    /// The host's table of dead letters (`POST /dead-letter`).
+    pub fn dead_letters_table(self) -> &'static str {
+        match self {
+            Backend::Postgres => "exactly.dead_letters",
+            Backend::Sqlite => "exactly_dead_letters",
+        }
+    }
 }
 
 const NO_DATABASE_URL: &str =

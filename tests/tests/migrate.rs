@@ -22,6 +22,7 @@ async fn migrate_is_idempotent_and_creates_the_tables(backend: Backend) {
     let db = env.connect().await;
     for table in [
         backend.processed_events_table(),
+        backend.dead_letters_table(),
         "orders",
         "order_events",
         "payments",

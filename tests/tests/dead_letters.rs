@@ -1,0 +1,617 @@
+//! `exactly` as the Knative Trigger's dead-letter sink: `POST /dead-letter`
+//! stores what the dispatcher gave up on (never runs a handler for it, never
+//! loses one, never stores a redelivery twice), `exactly dlq list` shows it
+//! with Knative's error decoded, and `exactly dlq replay` sends the original
+//! event again and records on the row whether it was accepted.
+//!
+//! The dead letters are shaped as the Knative Kafka dispatcher posts them:
+//! the original event (binary or structured mode) plus the extensions
+//! `knativeerrorcode`, `knativeerrordata` (the failed answer's body, base64)
+//! and `knativeerrordest`.
+
+use std::process::Output;
+
+use base64::Engine;
+use exactly_e2e::{Answer, Backend, Event, TestApp, TestEnv, both_backends, json};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, Connection};
+
+both_backends!(
+    dead_letter_is_stored_once_and_listed_with_the_error_decoded,
+    structured_dead_letters_and_list_filters,
+    replay_resends_the_event_and_records_it,
+    failed_replays_are_recorded_and_exit_non_zero,
+    malformed_dead_letters_are_refused,
+    busy_database_answers_503_and_stores_nothing,
+    dead_letters_may_be_larger_than_events,
+);
+
+/// What the Knative dispatcher adds to the event it dead-letters, after
+/// `failed` was the subscriber's last answer.
+fn knative_extensions(failed: &Answer, dest: &str) -> Vec<(String, String)> {
+    vec![
+        ("ce-knativeerrorcode".into(), failed.status.to_string()),
+        (
+            "ce-knativeerrordata".into(),
+            base64::engine::general_purpose::STANDARD.encode(&failed.body),
+        ),
+        ("ce-knativeerrordest".into(), dest.to_owned()),
+    ]
+}
+
+/// The dead letter in binary mode: the event's own headers plus Knative's.
+fn dead_letter_headers(event: &Event, failed: &Answer, dest: &str) -> Vec<(String, String)> {
+    let mut headers = event.binary_headers();
+    headers.extend(knative_extensions(failed, dest));
+    headers.push((
+        "ce-traceparent".into(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+    ));
+    headers
+}
+
+async fn post_dead_letter(app: &TestApp, event: &Event, failed: &Answer) -> Answer {
+    let dest = format!("{}/", app.address);
+    app.post_to(
+        "/dead-letter",
+        &dead_letter_headers(event, failed, &dest),
+        event.data_bytes(),
+    )
+    .await
+}
+
+/// Makes the host answer 500 `retryable` for `event` (a test.flaky event
+/// while the flag is set), as it would before the broker gives up.
+async fn fail_first(app: &TestApp, event: &Event) -> Answer {
+    app.db
+        .execute(
+            "INSERT INTO test_flags (name) VALUES ('fail') ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await;
+    let failed = app.send_binary(event).await;
+    failed.assert_error(500, "retryable");
+    failed
+}
+
+#[track_caller]
+fn stdout_of(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn list_json(env: &TestEnv, filters: &[&str]) -> Vec<Value> {
+    let mut args = vec!["list", "--json"];
+    args.extend_from_slice(filters);
+    let stdout = stdout_of(
+        &env.dlq(&args).await,
+        &format!("exactly dlq {}", args.join(" ")),
+    );
+    match serde_json::from_str(&stdout) {
+        Ok(Value::Array(items)) => items,
+        other => {
+            panic!("`exactly dlq list --json` did not print a JSON array ({other:?}):\n{stdout}")
+        }
+    }
+}
+
+/// The rows stored for `(source, id)`, oldest first: error code, raw error
+/// data, dest, deliveries, extensions (JSON text).
+async fn stored_rows(app: &TestApp, event: &Event) -> Vec<Vec<Option<String>>> {
+    let sql = format!(
+        "SELECT CAST(error_code AS TEXT), CAST(error_data AS TEXT), CAST(error_dest AS TEXT),
+                CAST(deliveries AS TEXT), CAST(extensions AS TEXT)
+         FROM {} WHERE source = $1 AND id = $2 ORDER BY dead_letter_id",
+        app.backend().dead_letters_table()
+    );
+    app.db.rows(&sql, &[&event.source, &event.id]).await
+}
+
+/// The replay columns of one dead letter: attempts, last status, last
+/// target, replayed_at, last error.
+async fn replay_columns(app: &TestApp, dead_letter_id: i64) -> [Option<String>; 5] {
+    let sql = format!(
+        "SELECT CAST(replay_attempts AS TEXT), CAST(last_replay_status AS TEXT), CAST(last_replay_to AS TEXT),
+                CAST(replayed_at AS TEXT), CAST(last_replay_error AS TEXT)
+         FROM {} WHERE dead_letter_id = $1",
+        app.backend().dead_letters_table()
+    );
+    let mut rows = app
+        .db
+        .rows(&sql.replace("$1", &dead_letter_id.to_string()), &[])
+        .await;
+    assert_eq!(rows.len(), 1, "dead letter {dead_letter_id} must exist");
+    <[Option<String>; 5]>::try_from(rows.remove(0)).expect("five columns")
+}
+
+fn id_of(item: &Value) -> i64 {
+    item["dead_letter_id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no dead_letter_id in {item}"))
+}
+
+async fn dead_letter_is_stored_once_and_listed_with_the_error_decoded(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.flaky").with_data(json!({"order_id": "o-1", "note": "snow ☃"}));
+    let failed = fail_first(&app, &event).await;
+    let raw_error = base64::engine::general_purpose::STANDARD.encode(&failed.body);
+    let dest = format!("{}/", app.address);
+
+    post_dead_letter(&app, &event, &failed)
+        .await
+        .assert_accepted();
+
+    let rows = stored_rows(&app, &event).await;
+    assert_eq!(rows.len(), 1, "one dead letter stored: {rows:?}");
+    let [code, data, stored_dest, deliveries, extensions] =
+        <[Option<String>; 5]>::try_from(rows[0].clone()).expect("five columns");
+    assert_eq!(code.as_deref(), Some("500"));
+    assert_eq!(
+        data.as_deref(),
+        Some(raw_error.as_str()),
+        "knativeerrordata is stored as received"
+    );
+    assert_eq!(stored_dest.as_deref(), Some(dest.as_str()));
+    assert_eq!(deliveries.as_deref(), Some("1"));
+    let extensions: Value = serde_json::from_str(&extensions.expect("extensions")).expect("JSON");
+    assert_eq!(extensions["knativeerrorcode"], "500");
+    assert_eq!(
+        extensions["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    // Storing a dead letter runs no handler and claims nothing.
+    assert_eq!(app.effects(&event).await, 0);
+    assert_eq!(app.processed_event(&event).await, None);
+
+    // Knative delivers to the dead-letter sink at least once: the same
+    // dead letter again is counted, not stored twice.
+    post_dead_letter(&app, &event, &failed)
+        .await
+        .assert_accepted();
+    let rows = stored_rows(&app, &event).await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "a redelivered dead letter is not stored twice: {rows:?}"
+    );
+    assert_eq!(
+        rows[0][3].as_deref(),
+        Some("2"),
+        "deliveries counts the redelivery"
+    );
+
+    // The same (source, id) for another destination is another dead letter.
+    let mut elsewhere =
+        dead_letter_headers(&event, &failed, "http://other-subscriber.default.svc/");
+    elsewhere.retain(|(name, _)| name != "ce-traceparent");
+    app.post_to("/dead-letter", &elsewhere, event.data_bytes())
+        .await
+        .assert_accepted();
+    assert_eq!(stored_rows(&app, &event).await.len(), 2);
+
+    // The table, with the error decoded from base64.
+    let table = stdout_of(&app.env().dlq(&["list"]).await, "exactly dlq list");
+    let line = table
+        .lines()
+        .find(|line| line.contains(&dest))
+        .unwrap_or_else(|| panic!("no dead letter for {dest} in:\n{table}"));
+    for expected in [
+        event.id.as_str(),
+        "test.flaky",
+        event.source.as_str(),
+        "500",
+        "pending",
+        "retryable",
+        "flag fail is set",
+    ] {
+        assert!(
+            line.contains(expected),
+            "{expected:?} missing from the line {line:?} of:\n{table}"
+        );
+    }
+    assert!(
+        !table.contains(&raw_error),
+        "the table shows the error decoded, not base64:\n{table}"
+    );
+    assert!(table.starts_with("ID"), "a header line first:\n{table}");
+
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 2);
+    let item = items
+        .iter()
+        .find(|item| item["error_dest"] == dest.as_str())
+        .unwrap_or_else(|| panic!("no dead letter for {dest}: {items:?}"));
+    assert_eq!(item["source"], event.source.as_str());
+    assert_eq!(item["id"], event.id.as_str());
+    assert_eq!(item["type"], "test.flaky");
+    assert_eq!(item["error_code"], "500");
+    assert_eq!(item["error_data"], raw_error.as_str());
+    let decoded: Value =
+        serde_json::from_str(item["error_data_decoded"].as_str().expect("decoded text"))
+            .expect("the decoded error is the host's JSON answer");
+    assert_eq!(decoded["error"], "retryable");
+    assert_eq!(item["deliveries"], 2);
+    assert_eq!(item["datacontenttype"], "application/json");
+    let data: Value =
+        serde_json::from_str(item["data"].as_str().expect("data as text")).expect("JSON data");
+    assert_eq!(data, event.data);
+}
+
+async fn structured_dead_letters_and_list_filters(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let count = Event::new("test.count").with_data(json!({"n": 1}));
+    let permanent = Event::new("test.permanent");
+    let failed = app.send_binary(&permanent).await;
+    failed.assert_error(422, "permanent");
+
+    post_dead_letter(&app, &count, &failed)
+        .await
+        .assert_accepted();
+
+    // Structured mode: the extensions are members of the JSON document.
+    let mut document: Value = serde_json::from_slice(&permanent.structured_body()).expect("JSON");
+    for (name, value) in knative_extensions(&failed, "http://exactly.default.svc/") {
+        document[name.trim_start_matches("ce-")] = Value::String(value);
+    }
+    let headers = [(
+        "content-type".to_owned(),
+        "application/cloudevents+json".to_owned(),
+    )];
+    let body = serde_json::to_vec(&document).expect("JSON");
+    app.post_to("/dead-letter", &headers, body.clone())
+        .await
+        .assert_accepted();
+    app.post_to("/dead-letter", &headers, body)
+        .await
+        .assert_accepted();
+    let rows = stored_rows(&app, &permanent).await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "a structured redelivery is not stored twice either: {rows:?}"
+    );
+    assert_eq!(rows[0][0].as_deref(), Some("422"));
+    assert_eq!(rows[0][2].as_deref(), Some("http://exactly.default.svc/"));
+
+    let types = |items: &[Value]| -> Vec<String> {
+        items
+            .iter()
+            .map(|item| item["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    // Newest first.
+    assert_eq!(
+        types(&list_json(app.env(), &[]).await),
+        ["test.permanent", "test.count"]
+    );
+    assert_eq!(
+        types(&list_json(app.env(), &["--type", "test.count"]).await),
+        ["test.count"]
+    );
+    assert_eq!(
+        types(&list_json(app.env(), &["--type", "test.permanent"]).await),
+        ["test.permanent"]
+    );
+    assert!(
+        list_json(app.env(), &["--type", "order.created"])
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        types(&list_json(app.env(), &["--limit", "1"]).await),
+        ["test.permanent"]
+    );
+    assert_eq!(list_json(app.env(), &["--since", "1h"]).await.len(), 2);
+    assert!(list_json(app.env(), &["--until", "1h"]).await.is_empty());
+    assert!(
+        list_json(app.env(), &["--until", "2000-01-01T00:00:00Z"])
+            .await
+            .is_empty()
+    );
+    assert!(
+        list_json(app.env(), &["--since", "2999-01-01T00:00:00+02:00"])
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        types(
+            &list_json(
+                app.env(),
+                &["--since", "2000-01-01T00:00:00Z", "--type", "test.count"]
+            )
+            .await
+        ),
+        ["test.count"]
+    );
+    let decoded =
+        list_json(app.env(), &["--type", "test.permanent"]).await[0]["error_data_decoded"].clone();
+    assert!(
+        decoded
+            .as_str()
+            .is_some_and(|text| text.contains("testkit refuses this event")),
+        "{decoded}"
+    );
+
+    let table = stdout_of(
+        &app.env().dlq(&["list", "--type", "test.count"]).await,
+        "exactly dlq list --type",
+    );
+    assert!(
+        table.contains(&count.id) && !table.contains(&permanent.id),
+        "{table}"
+    );
+    let refused = app.env().dlq(&["list", "--since", "last tuesday"]).await;
+    assert!(!refused.status.success(), "a bad --since is refused");
+}
+
+async fn replay_resends_the_event_and_records_it(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.flaky").with_data(json!({"order_id": "o-2"}));
+    let failed = fail_first(&app, &event).await;
+    post_dead_letter(&app, &event, &failed)
+        .await
+        .assert_accepted();
+    assert_eq!(app.effects(&event).await, 0);
+
+    // The cause is fixed; the operator replays the dead letter to exactly.
+    app.db
+        .execute("DELETE FROM test_flags WHERE name = 'fail'", &[])
+        .await;
+    let items = list_json(app.env(), &["--pending"]).await;
+    assert_eq!(items.len(), 1);
+    let dead_letter_id = id_of(&items[0]);
+    let to = format!("{}/", app.address);
+    let id_text = dead_letter_id.to_string();
+    let stdout = stdout_of(
+        &app.env().dlq(&["replay", &id_text, "--to", &to]).await,
+        "exactly dlq replay",
+    );
+    assert!(
+        stdout.contains("replayed") && stdout.contains("202"),
+        "{stdout}"
+    );
+
+    // The handler ran once, on the original (source, id).
+    assert_eq!(app.effects(&event).await, 1);
+    assert_eq!(
+        app.processed_event(&event).await.map(|row| row.status),
+        Some(202)
+    );
+    let [attempts, status, target, replayed_at, error] = replay_columns(&app, dead_letter_id).await;
+    assert_eq!(attempts.as_deref(), Some("1"));
+    assert_eq!(status.as_deref(), Some("202"));
+    assert_eq!(target.as_deref(), Some(to.as_str()));
+    assert!(replayed_at.is_some(), "an accepted replay sets replayed_at");
+    assert_eq!(error, None);
+    assert!(list_json(app.env(), &["--pending"]).await.is_empty());
+    assert_eq!(list_json(app.env(), &[]).await[0]["state"], "replayed");
+
+    // Replaying it again is refused unless forced…
+    let again = app.env().dlq(&["replay", &id_text, "--to", &to]).await;
+    assert!(
+        !again.status.success(),
+        "a second replay without --force must fail"
+    );
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already replayed"));
+    assert_eq!(
+        replay_columns(&app, dead_letter_id).await[0].as_deref(),
+        Some("1")
+    );
+    // …and when forced, exactly itself answers with the stored outcome.
+    stdout_of(
+        &app.env()
+            .dlq(&["replay", &id_text, "--to", &to, "--force"])
+            .await,
+        "exactly dlq replay --force",
+    );
+    assert_eq!(
+        app.effects(&event).await,
+        1,
+        "the replayed event is deduplicated by exactly"
+    );
+    assert_eq!(
+        replay_columns(&app, dead_letter_id).await[0].as_deref(),
+        Some("2")
+    );
+
+    // Dead-lettered again after the replay: that is news, a new row.
+    post_dead_letter(&app, &event, &failed)
+        .await
+        .assert_accepted();
+    assert_eq!(stored_rows(&app, &event).await.len(), 2);
+    assert_eq!(list_json(app.env(), &["--pending"]).await.len(), 1);
+}
+
+async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.permanent");
+    let failed = app.send_binary(&event).await;
+    failed.assert_error(422, "permanent");
+    post_dead_letter(&app, &event, &failed)
+        .await
+        .assert_accepted();
+    let dead_letter_id = id_of(&list_json(app.env(), &[]).await[0]);
+    let id_text = dead_letter_id.to_string();
+
+    // The target refuses it again: reported, recorded, non-zero exit.
+    let to = format!("{}/", app.address);
+    let refused = app.env().dlq(&["replay", &id_text, "--to", &to]).await;
+    assert!(!refused.status.success(), "a 422 replay must exit non-zero");
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        stdout.contains("NOT replayed") && stdout.contains("422"),
+        "{stdout}"
+    );
+    let [attempts, status, _, replayed_at, error] = replay_columns(&app, dead_letter_id).await;
+    assert_eq!(attempts.as_deref(), Some("1"));
+    assert_eq!(status.as_deref(), Some("422"));
+    assert_eq!(replayed_at, None, "a refused replay is not a replay");
+    assert!(error.is_some_and(|e| e.contains("permanent")));
+
+    // Nobody listens there: nothing recorded as success.
+    let unreachable = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        format!("http://{}/", listener.local_addr().expect("its address"))
+    };
+    let output = app
+        .env()
+        .dlq(&["replay", &id_text, "--to", &unreachable])
+        .await;
+    assert!(
+        !output.status.success(),
+        "a replay to a closed port must exit non-zero"
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("no answer"));
+    let [attempts, status, target, replayed_at, error] = replay_columns(&app, dead_letter_id).await;
+    assert_eq!(attempts.as_deref(), Some("2"));
+    assert_eq!(status, None, "no answer, no status");
+    assert_eq!(target.as_deref(), Some(unreachable.as_str()));
+    assert_eq!(replayed_at, None);
+    assert!(error.is_some());
+    assert_eq!(
+        list_json(app.env(), &["--pending"]).await.len(),
+        1,
+        "still pending"
+    );
+    assert_eq!(app.processed_event(&event).await, None);
+
+    // Unknown ids and https targets are errors too.
+    assert!(
+        !app.env()
+            .dlq(&["replay", "987654", "--to", &to])
+            .await
+            .status
+            .success()
+    );
+    assert!(
+        !app.env()
+            .dlq(&["replay", &id_text, "--to", "https://example.invalid/"])
+            .await
+            .status
+            .success()
+    );
+    assert_eq!(
+        replay_columns(&app, dead_letter_id).await[0].as_deref(),
+        Some("2")
+    );
+}
+
+async fn malformed_dead_letters_are_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let headers = [(
+        "content-type".to_owned(),
+        "application/cloudevents+json".to_owned(),
+    )];
+    app.post_to("/dead-letter", &headers, b"{not json".to_vec())
+        .await
+        .assert_error(400, "invalid-event");
+
+    let event = Event::new("test.count");
+    let failed = app.send_binary(&Event::new("test.permanent")).await;
+    let mut no_id = dead_letter_headers(&event, &failed, "http://x/");
+    no_id.retain(|(name, _)| name != "ce-id");
+    let answer = app
+        .post_to("/dead-letter", &no_id, event.data_bytes())
+        .await;
+    let body = answer.assert_error(400, "invalid-event");
+    assert!(body.message.contains("`id`"), "{}", body.message);
+
+    let count = app
+        .db
+        .integer(
+            &format!("SELECT count(*) FROM {}", backend.dead_letters_table()),
+            &[],
+        )
+        .await;
+    assert_eq!(count, 0, "nothing of a malformed dead letter is stored");
+    app.get("/dead-letter")
+        .await
+        .assert_error(405, "method-not-allowed");
+}
+
+async fn busy_database_answers_503_and_stores_nothing(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let url = env.database_url().to_owned();
+    let app = env.serve_with_flags(&["--lock-timeout", "300ms"]).await;
+    let event = Event::new("test.count");
+    let failed = app.send_binary(&Event::new("test.permanent")).await;
+    let count = format!("SELECT count(*) FROM {}", backend.dead_letters_table());
+
+    match backend {
+        Backend::Postgres => {
+            let mut blocker = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::raw_sql(AssertSqlSafe(
+                "BEGIN; LOCK TABLE exactly.dead_letters IN ACCESS EXCLUSIVE MODE",
+            ))
+            .execute(&mut blocker)
+            .await
+            .expect("lock the table");
+            post_dead_letter(&app, &event, &failed)
+                .await
+                .assert_error(503, "busy");
+            sqlx::raw_sql(AssertSqlSafe("ROLLBACK"))
+                .execute(&mut blocker)
+                .await
+                .expect("release");
+        }
+        Backend::Sqlite => {
+            let mut blocker = sqlx::SqliteConnection::connect(&url).await.expect("open");
+            sqlx::raw_sql(AssertSqlSafe("BEGIN IMMEDIATE"))
+                .execute(&mut blocker)
+                .await
+                .expect("take the write lock");
+            post_dead_letter(&app, &event, &failed)
+                .await
+                .assert_error(503, "busy");
+            sqlx::raw_sql(AssertSqlSafe("ROLLBACK"))
+                .execute(&mut blocker)
+                .await
+                .expect("release");
+        }
+    }
+    assert_eq!(app.db.integer(&count, &[]).await, 0, "a 503 stored nothing");
+    // The dispatcher retries; now it is stored.
+    post_dead_letter(&app, &event, &failed)
+        .await
+        .assert_accepted();
+    assert_eq!(app.db.integer(&count, &[]).await, 1);
+}
+
+/// An event refused 413 is dead-lettered whole, plus Knative's report: the
+/// dead-letter path has a limit of its own (`--max-dead-letter-bytes`), or
+/// that dead letter would be refused and lost.
+async fn dead_letters_may_be_larger_than_events(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let flags = [
+        "--max-body-bytes",
+        "1024",
+        "--max-dead-letter-bytes",
+        "16384",
+    ];
+    let app = env.serve_with_flags(&flags).await;
+    let big = Event::new("test.count").with_data(json!({"pad": "x".repeat(4000)}));
+    let failed = app.send_binary(&big).await;
+    failed.assert_error(413, "payload-too-large");
+
+    post_dead_letter(&app, &big, &failed)
+        .await
+        .assert_accepted();
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["error_code"], "413");
+    let data: Value =
+        serde_json::from_str(items[0]["data"].as_str().expect("data as text")).expect("JSON data");
+    assert_eq!(data, big.data, "the data is stored whole");
+
+    let huge = Event::new("test.count").with_data(json!({"pad": "x".repeat(40_000)}));
+    post_dead_letter(&app, &huge, &failed)
+        .await
+        .assert_error(413, "payload-too-large");
+    assert_eq!(list_json(app.env(), &[]).await.len(), 1);
+}
