@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::manifest::Manifest;
+use crate::metrics::Metrics;
 use crate::runtime::{Limits, Runtime};
 use crate::server::{self, ServerConfig};
 use crate::policy::Policy;
@@ -161,6 +162,7 @@ async fn migrate(args: CommonArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.common.handlers)?;
+    let metrics = Arc::new(Metrics::new(&manifest));
     let limits = Limits {
         deadline: args.handler_timeout,
         memory_bytes: args
@@ -178,7 +180,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
-    let runtime = Runtime::new(&manifest, limits, &policies)?;
+    let runtime = Runtime::new(&manifest, limits, &policies, &metrics)?;
     let database = Database::connect(&args.common.db_options()).await?;
     if !args.no_migrate {
         database.migrate(&manifest).await?;
@@ -195,6 +197,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database,
         runtime,
         roles,
+        metrics,
     })
     .await
 }

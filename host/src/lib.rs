@@ -7,13 +7,15 @@
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
-//! [`server`] wires HTTP, [`cli`] the command line.
+//! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
+//! `/metrics` reports.
 
 pub mod answer;
 pub mod cli;
 pub mod convert;
 pub mod decode;
 pub mod manifest;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod runtime;

@@ -2,9 +2,13 @@
 //!
 //! `POST /` takes one CloudEvent; `GET /healthz` says the process is alive,
 //! `GET /readyz` that it can take events (database reachable, handlers
-//! loaded, not shutting down). The body is read under a size limit and a
+//! loaded, not shutting down); `GET /metrics` answers the Prometheus text
+//! format (see [`crate::metrics`]). The body is read under a size limit and a
 //! time limit before anything else looks at it. Each event is processed in
 //! its own task, so a client that hangs up does not cut a transaction short.
+//! That task runs inside an `event` tracing span holding the event's
+//! source, id, type, handler and outcome, so every log line about the event
+//! (the handler's own lines and stdout included) carries them.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -26,9 +30,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::answer::{Body, Rejection};
 use crate::decode::decode;
+use crate::metrics::{self, Metrics, Outcome};
 use crate::pipeline::Pipeline;
 use crate::runtime::Runtime;
 use crate::storage::Database;
@@ -41,6 +47,7 @@ pub struct ServerConfig {
     pub runtime: Runtime,
     /// PostgreSQL role of each handler (empty on SQLite).
     pub roles: HashMap<String, String>,
+    pub metrics: Arc<Metrics>,
     /// How long a client may take to send the request body once its
     /// headers arrived ([`DEFAULT_BODY_READ_TIMEOUT`] unless configured);
     /// a slower client gets 408.
@@ -62,6 +69,7 @@ const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
 
 struct App {
     pipeline: Pipeline,
+    metrics: Arc<Metrics>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     shutting_down: AtomicBool,
@@ -73,7 +81,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
     let local = listener.local_addr()?;
     let app = Arc::new(App {
-        pipeline: Pipeline::new(config.database, config.runtime, config.roles),
+        pipeline: Pipeline::new(config.database, config.runtime, config.roles, config.metrics.clone()),
+        metrics: config.metrics,
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
@@ -165,6 +174,13 @@ impl App {
         match (request.method(), request.uri().path()) {
             (&Method::POST, "/") => self.receive(request).await,
             (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
+            (&Method::GET, "/metrics") => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(metrics::CONTENT_TYPE));
+                response
+            }
             (&Method::GET, "/readyz") => {
                 if self.shutting_down.load(Ordering::SeqCst) {
                     plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
@@ -190,6 +206,7 @@ impl App {
     async fn receive(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let (parts, mut body) = request.into_parts();
         if self.shutting_down.load(Ordering::SeqCst) {
+            self.metrics.rejected(Rejection::ShuttingDown.code());
             return refuse_body(&parts.headers, body, Rejection::ShuttingDown);
         }
         let declared = parts
@@ -198,20 +215,24 @@ impl App {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|length| length > self.max_body_bytes as u64) {
+            self.metrics.rejected(Rejection::PayloadTooLarge(0).code());
             return refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes));
         }
         let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, self.max_body_bytes)).await;
         let body = match read {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(BodyError::TooLarge)) => {
+                self.metrics.rejected(Rejection::PayloadTooLarge(0).code());
                 return refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(self.max_body_bytes));
             }
             Ok(Err(BodyError::Read(error))) => {
                 let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
+                self.metrics.rejected(rejection.code());
                 return closing(rejection.into_response());
             }
             Err(_elapsed) => {
                 tracing::info!(timeout = ?self.body_read_timeout, "the request body did not arrive in time");
+                self.metrics.rejected(Rejection::RequestTimeout(self.body_read_timeout).code());
                 return closing(Rejection::RequestTimeout(self.body_read_timeout).into_response());
             }
         };
@@ -219,35 +240,66 @@ impl App {
             Ok(event) => event,
             Err(rejection) => {
                 tracing::info!(error = rejection.code(), "{rejection}");
+                self.metrics.rejected(rejection.code());
                 return rejection.into_response();
             }
         };
 
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let app = self.clone();
-        let task = tokio::spawn(async move {
-            let started = Instant::now();
-            let result = app.pipeline.process(&event).await;
-            let micros = started.elapsed().as_micros() as u64;
-            match &result {
-                Ok(processed) => tracing::info!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, handler = %processed.handler,
-                    status = processed.answer.status, replay = processed.replay, micros, "event processed"
-                ),
-                Err(rejection) if rejection.status().is_server_error() => tracing::warn!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
-                    error = rejection.code(), micros, "event not processed, retry expected: {rejection}"
-                ),
-                Err(rejection) => tracing::info!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
-                    error = rejection.code(), micros, "event refused: {rejection}"
-                ),
+        let span = tracing::info_span!(
+            "event",
+            source = %event.source,
+            id = %event.id,
+            r#type = %event.ty,
+            handler = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let task = tokio::spawn(
+            async move {
+                let in_flight = app.metrics.in_flight();
+                let started = Instant::now();
+                let result = app.pipeline.process(&event).await;
+                let elapsed = started.elapsed();
+                let micros = elapsed.as_micros() as u64;
+                let outcome = match &result {
+                    Ok(processed) => Outcome::of(processed.answer.status, processed.replay),
+                    Err(rejection) => Outcome::of(rejection.status().as_u16(), false),
+                };
+                tracing::Span::current().record("outcome", outcome.label());
+                app.metrics.event_answered(&event.ty, outcome, elapsed);
+                drop(in_flight);
+                match &result {
+                    Ok(processed) => tracing::info!(
+                        status = processed.answer.status, replay = processed.replay, micros, "event processed"
+                    ),
+                    Err(rejection) => {
+                        app.metrics.rejected(rejection.code());
+                        match rejection {
+                            Rejection::Limit { handler, limit, .. } => app.metrics.limit_hit(handler, limit.code()),
+                            Rejection::Deadline { handler, .. } => app.metrics.limit_hit(handler, "deadline"),
+                            _ => {}
+                        }
+                        if rejection.status().is_server_error() {
+                            tracing::warn!(
+                                status = rejection.status().as_u16(), error = rejection.code(), micros,
+                                "event not processed, retry expected: {rejection}"
+                            );
+                        } else {
+                            tracing::info!(
+                                status = rejection.status().as_u16(), error = rejection.code(), micros,
+                                "event refused: {rejection}"
+                            );
+                        }
+                    }
+                }
+                if app.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    app.idle.notify_waiters();
+                }
+                result
             }
-            if app.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                app.idle.notify_waiters();
-            }
-            result
-        });
+            .instrument(span),
+        );
         match task.await {
             Ok(Ok(processed)) => processed.answer.into_response(processed.replay),
             Ok(Err(rejection)) => rejection.into_response(),

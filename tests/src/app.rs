@@ -590,6 +590,23 @@ impl TestApp {
     pub fn stderr_tail(&self) -> String {
         tail(&self.stderr_path, 80)
     }
+
+    /// Everything the host logged so far.
+    pub fn logs(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Scrapes `GET /metrics` and parses the text format.
+    pub async fn metrics(&self) -> crate::metrics::Scrape {
+        let answer = self.get("/metrics").await;
+        answer.assert_status(200);
+        let content_type = answer.header("content-type").unwrap_or_default().to_owned();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "/metrics answered content-type {content_type:?}, not the Prometheus text format"
+        );
+        crate::metrics::Scrape::parse(&answer.body_text())
+    }
 }
 
 impl Drop for TestApp {

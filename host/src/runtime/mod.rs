@@ -34,6 +34,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::answer::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
+use crate::metrics::{LoadedFrom, Metrics};
 use crate::policy::Policy;
 use crate::storage::{EventTx, RowCaps};
 use bindings::exactly::handler::types;
@@ -119,6 +120,8 @@ pub struct EventState {
     event_id: String,
     limits: HandlerLimits,
     statements: u64,
+    /// Time spent in the handler's statements, for the metrics.
+    database_time: Duration,
     log_bytes: u64,
     /// Set by the first failed or refused statement or exceeded limit:
     /// nothing of the event may commit after that, whatever the handler
@@ -171,7 +174,12 @@ impl Runtime {
     /// Compiles every component of the manifest and links it against the
     /// host's imports. Any component that cannot be loaded, or that imports
     /// something the host does not provide, stops the start-up here.
-    pub fn new(manifest: &Manifest, defaults: Limits, policies: &HashMap<String, Arc<Policy>>) -> anyhow::Result<Runtime> {
+    pub fn new(
+        manifest: &Manifest,
+        defaults: Limits,
+        policies: &HashMap<String, Arc<Policy>>,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Runtime> {
         let mut resolved = Vec::new();
         for spec in &manifest.handlers {
             let limits = HandlerLimits::resolve(spec, &defaults).with_context(|| format!("limits of handler {}", spec.name))?;
@@ -200,7 +208,10 @@ impl Runtime {
                         spec.name
                     )
                 })?;
-            tracing::info!(handler = %spec.name, types = ?spec.types, ms = started.elapsed().as_millis() as u64, "handler compiled");
+            let (took, from) = (started.elapsed(), LoadedFrom::Compiled);
+            metrics.handler_loaded(&spec.name, from, took);
+            tracing::info!(handler = %spec.name, types = ?spec.types, from = from.label(),
+                micros = took.as_micros() as u64, "handler loaded");
             let policy = policies
                 .get(&spec.name)
                 .cloned()
@@ -230,17 +241,18 @@ impl Runtime {
         self.by_type.get(event_type)
     }
 
-    /// Runs `handler` on `event` inside `tx` and gives `tx` back.
+    /// Runs `handler` on `event` inside `tx` and gives `tx` back, with the
+    /// time the handler's statements spent in the database.
     pub async fn run(
         &self,
         handler: &LoadedHandler,
         event: &CloudEvent,
         mut tx: EventTx,
-    ) -> (Option<EventTx>, Result<types::Outcome, Rejection>) {
+    ) -> (Option<EventTx>, Result<types::Outcome, Rejection>, Duration) {
         let limits = handler.limits;
         let deadline = Instant::now() + limits.deadline;
         if let Err(rejection) = tx.enter_handler(deadline).await {
-            return (Some(tx), Err(rejection));
+            return (Some(tx), Err(rejection), Duration::ZERO);
         }
 
         let stdio_capacity = usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX);
@@ -260,6 +272,7 @@ impl Runtime {
             event_id: event.id.clone(),
             limits,
             statements: 0,
+            database_time: Duration::ZERO,
             log_bytes: 0,
             doom: None,
             memory: MemoryGuard { cap: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX), hit: false },
@@ -284,6 +297,7 @@ impl Runtime {
 
         let state = store.data_mut();
         let mut tx = state.tx.take();
+        let database_time = state.database_time;
         let printed = stdio.contents();
         log_stdio(&handler.name, event, &printed);
         let stdio_full = printed.len() >= stdio_capacity;
@@ -306,7 +320,7 @@ impl Runtime {
         {
             verdict = Err(rejection);
         }
-        (tx, verdict)
+        (tx, verdict, database_time)
     }
 }
 
