@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
+use crate::retention::{self, Retention};
 use crate::runtime::{Limits, Runtime};
 use crate::server::{self, ServerConfig};
 use crate::policy::Policy;
@@ -113,7 +114,30 @@ struct ServeArgs {
     /// How long in-flight events may take to finish after SIGTERM.
     #[arg(long, env = "EXACTLY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+
+    /// How long a processed event's dedup record is kept; a redelivery
+    /// after that runs the handler again. `0` or `off`: kept forever.
+    #[arg(long, env = "EXACTLY_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    retention: RetentionWindow,
+
+    /// Time between two retention sweeps (each also measures the oldest
+    /// record's age for the metrics).
+    #[arg(long, env = "EXACTLY_RETENTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    retention_interval: Duration,
+
+    /// Most expired records deleted by one statement of a sweep.
+    #[arg(long, env = "EXACTLY_RETENTION_BATCH", default_value_t = 1000)]
+    retention_batch: u32,
 }
+
+/// `--retention`: a window, or none.
+#[derive(Debug, Clone, Copy)]
+struct RetentionWindow(Option<Duration>);
+
+fn parse_retention(text: &str) -> Result<RetentionWindow, String> {
+    retention::parse_window(text).map(RetentionWindow)
+}
+
 
 impl CommonArgs {
     fn db_options(&self) -> DbOptions {
@@ -186,6 +210,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database.migrate(&manifest).await?;
     }
     let roles = database.handler_roles(&manifest).await?;
+    retention::spawn(
+        database.clone(),
+        Retention { window: args.retention.0, interval: args.retention_interval, batch: args.retention_batch },
+        metrics.clone(),
+    );
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.port)));

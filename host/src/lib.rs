@@ -8,7 +8,7 @@
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
 //! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
-//! `/metrics` reports.
+//! `/metrics` reports, [`retention`] the sweeper that expires dedup records.
 
 pub mod answer;
 pub mod cli;
@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod retention;
 pub mod runtime;
 pub mod server;
 pub mod storage;

@@ -373,6 +373,11 @@ impl TestEnv {
 
     /// Starts `exactly serve` on a free port and waits until it listens.
     pub async fn serve(self) -> TestApp {
+        self.serve_with_args(&[]).await
+    }
+
+    /// [`TestEnv::serve`] with extra flags for `exactly serve`.
+    pub async fn serve_with_args(self, args: &[&str]) -> TestApp {
         let stderr_path = self.dir.path().join("exactly.stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create the stderr log");
         let mut command = self.exactly();
@@ -384,6 +389,7 @@ impl TestEnv {
             .arg(self.database_url())
             .arg("--handlers")
             .arg(self.manifest())
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         let mut child = command
