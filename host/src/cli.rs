@@ -1,4 +1,4 @@
-//! The command line: `exactly serve` and `exactly migrate`.
+//! The command line: `exactly serve`, `exactly migrate` and `exactly compile`.
 //!
 //! Every flag has an environment fallback so the same binary runs unchanged
 //! as a Knative Service (configuration by environment) and on a laptop.
@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::retention::{self, Retention};
-use crate::runtime::{Limits, Runtime};
+use crate::runtime::{Limits, Runtime, precompile};
 use crate::server::{self, ServerConfig};
 use crate::policy::Policy;
 use crate::storage::{Backend, Database, DbOptions, handler_tables};
@@ -46,6 +46,32 @@ enum Command {
     Serve(ServeArgs),
     /// Apply the host schema and every handler's migrations, then exit.
     Migrate(CommonArgs),
+    /// Precompile every handler component of the manifest ahead of time
+    /// (`<name>.cwasm` next to each `.wasm`, or in `--out-dir`), so `serve`
+    /// starts without compiling. Give it the same `--handler-memory-mib` and
+    /// `--db-max-connections` as `serve`: the engine settings must match.
+    Compile(CompileArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompileArgs {
+    /// The handler manifest whose components to compile.
+    #[arg(long, env = "EXACTLY_HANDLERS", default_value = "handlers.toml")]
+    handlers: PathBuf,
+
+    /// Folder for the `.cwasm` files (created if missing); `serve` then
+    /// needs `--precompiled-dir` with the same folder. Default: next to each
+    /// `.wasm`.
+    #[arg(long, env = "EXACTLY_PRECOMPILED_DIR")]
+    out_dir: Option<PathBuf>,
+
+    /// As for `serve`.
+    #[arg(long, env = "EXACTLY_HANDLER_MEMORY_MIB", default_value_t = 128)]
+    handler_memory_mib: u64,
+
+    /// As for `serve` (it sizes the instance pool).
+    #[arg(long, env = "EXACTLY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    db_max_connections: u32,
 }
 
 #[derive(Args, Debug)]
@@ -128,6 +154,11 @@ struct ServeArgs {
     /// Most expired records deleted by one statement of a sweep.
     #[arg(long, env = "EXACTLY_RETENTION_BATCH", default_value_t = 1000)]
     retention_batch: u32,
+
+    /// Folder holding the `.cwasm` files `exactly compile --out-dir` wrote.
+    /// Default: next to each `.wasm`.
+    #[arg(long, env = "EXACTLY_PRECOMPILED_DIR")]
+    precompiled_dir: Option<PathBuf>,
 }
 
 /// `--retention`: a window, or none.
@@ -137,7 +168,6 @@ struct RetentionWindow(Option<Duration>);
 fn parse_retention(text: &str) -> Result<RetentionWindow, String> {
     retention::parse_window(text).map(RetentionWindow)
 }
-
 
 impl CommonArgs {
     fn db_options(&self) -> DbOptions {
@@ -164,6 +194,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Compile(args) => compile(args),
         }
     });
     match result {
@@ -184,18 +215,51 @@ async fn migrate(args: CommonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let manifest = Manifest::load(&args.common.handlers)?;
-    let metrics = Arc::new(Metrics::new(&manifest));
-    let limits = Limits {
-        deadline: args.handler_timeout,
-        memory_bytes: args
-            .handler_memory_mib
+/// The host-wide sandbox limits. `serve` and `compile` both build them
+/// here: the engine, and so the compiled code, depends on them.
+fn sandbox_limits(
+    handler_timeout: Duration,
+    handler_memory_mib: u64,
+    db_max_connections: u32,
+    max_body_bytes: usize,
+) -> anyhow::Result<Limits> {
+    Ok(Limits {
+        deadline: handler_timeout,
+        memory_bytes: handler_memory_mib
             .checked_mul(1024 * 1024)
             .context("--handler-memory-mib is too large")?,
-        concurrent_runs: args.common.db_max_connections,
-        max_body_bytes: args.max_body_bytes as u64,
-    };
+        concurrent_runs: db_max_connections,
+        max_body_bytes: max_body_bytes as u64,
+    })
+}
+
+fn compile(args: CompileArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&args.handlers)?;
+    // Deadline and body size do not reach the engine; the defaults do.
+    let limits = sandbox_limits(Duration::from_secs(10), args.handler_memory_mib, args.db_max_connections, 1024 * 1024)?;
+    let engine = crate::runtime::engine(&manifest, &limits)?;
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    for handler in &manifest.handlers {
+        let compiled = precompile::compile(&engine, &handler.component, args.out_dir.as_deref())
+            .with_context(|| format!("handler {}", handler.name))?;
+        tracing::info!(handler = %handler.name, cwasm = %compiled.cwasm.display(), bytes = compiled.bytes,
+            ms = compiled.took.as_millis() as u64, "handler precompiled");
+        println!("{}", compiled.cwasm.display());
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&args.common.handlers)?;
+    let limits = sandbox_limits(
+        args.handler_timeout,
+        args.handler_memory_mib,
+        args.common.db_max_connections,
+        args.max_body_bytes,
+    )?;
+    let metrics = Arc::new(Metrics::new(&manifest));
     let backend = Backend::from_url(&args.common.database_url)?;
     let mut policies = HashMap::new();
     for handler in &manifest.handlers {
@@ -204,7 +268,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
-    let runtime = Runtime::new(&manifest, limits, &policies, &metrics)?;
+    let runtime = Runtime::new(&manifest, limits, &policies, args.precompiled_dir.as_deref(), &metrics)?;
     let database = Database::connect(&args.common.db_options()).await?;
     if !args.no_migrate {
         database.migrate(&manifest).await?;

@@ -371,6 +371,21 @@ impl TestEnv {
             .expect("run exactly migrate")
     }
 
+    /// Runs `exactly compile --handlers <manifest> <args>` to the end
+    /// (`args` may name another manifest with `--handlers`).
+    pub async fn compile(&self, args: &[&str]) -> Output {
+        let mut command = self.exactly();
+        command.arg("compile");
+        if !args.contains(&"--handlers") {
+            command.arg("--handlers").arg(self.manifest());
+        }
+        command.args(args);
+        tokio::time::timeout(REQUEST_TIMEOUT, command.output())
+            .await
+            .expect("exactly compile did not finish within a minute")
+            .expect("run exactly compile")
+    }
+
     /// Starts `exactly serve` on a free port and waits until it listens.
     pub async fn serve(self) -> TestApp {
         self.serve_with_args(&[]).await

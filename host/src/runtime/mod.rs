@@ -19,6 +19,7 @@ pub mod bindings {
 }
 
 mod log;
+pub mod precompile;
 mod tx;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -34,7 +35,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::answer::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
-use crate::metrics::{LoadedFrom, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::storage::{EventTx, RowCaps};
 use bindings::exactly::handler::types;
@@ -171,20 +172,19 @@ impl WasiView for EventState {
 impl types::Host for EventState {}
 
 impl Runtime {
-    /// Compiles every component of the manifest and links it against the
-    /// host's imports. Any component that cannot be loaded, or that imports
-    /// something the host does not provide, stops the start-up here.
+    /// Loads every component of the manifest (precompiled by `exactly
+    /// compile` when that is valid, see [`precompile`], else compiled now)
+    /// and links it against the host's imports. Any component that cannot be
+    /// loaded, or that imports something the host does not provide, stops
+    /// the start-up here.
     pub fn new(
         manifest: &Manifest,
         defaults: Limits,
         policies: &HashMap<String, Arc<Policy>>,
+        precompiled_dir: Option<&std::path::Path>,
         metrics: &Metrics,
     ) -> anyhow::Result<Runtime> {
-        let mut resolved = Vec::new();
-        for spec in &manifest.handlers {
-            let limits = HandlerLimits::resolve(spec, &defaults).with_context(|| format!("limits of handler {}", spec.name))?;
-            resolved.push((spec, limits));
-        }
+        let resolved = resolve_limits(manifest, &defaults)?;
         let engine = Engine::new(&engine_config(&defaults, &resolved))?;
 
         let mut linker: Linker<EventState> = Linker::new(&engine);
@@ -194,8 +194,7 @@ impl Runtime {
         let mut by_type = HashMap::new();
         for (spec, limits) in resolved {
             let started = Instant::now();
-            let component = Component::from_file(&engine, &spec.component)
-                .map_err(anyhow::Error::from)
+            let (component, from) = precompile::load(&engine, &spec.component, precompiled_dir)
                 .with_context(|| format!("cannot load component {} of handler {}", spec.component.display(), spec.name))?;
             let pre = linker
                 .instantiate_pre(&component)
@@ -208,7 +207,7 @@ impl Runtime {
                         spec.name
                     )
                 })?;
-            let (took, from) = (started.elapsed(), LoadedFrom::Compiled);
+            let took = started.elapsed();
             metrics.handler_loaded(&spec.name, from, took);
             tracing::info!(handler = %spec.name, types = ?spec.types, from = from.label(),
                 micros = took.as_micros() as u64, "handler loaded");
@@ -374,6 +373,27 @@ impl Run {
             (_, Ok(Ok(outcome))) => Ok(outcome),
         }
     }
+}
+
+/// Each handler of the manifest with the limits its events run under.
+fn resolve_limits<'m>(manifest: &'m Manifest, defaults: &Limits) -> anyhow::Result<Vec<(&'m HandlerSpec, HandlerLimits)>> {
+    manifest
+        .handlers
+        .iter()
+        .map(|spec| {
+            let limits =
+                HandlerLimits::resolve(spec, defaults).with_context(|| format!("limits of handler {}", spec.name))?;
+            Ok((spec, limits))
+        })
+        .collect()
+}
+
+/// The engine handlers run in, as `serve` builds it for `manifest` and
+/// `defaults`. `exactly compile` uses this very function: code compiled
+/// ahead of time only loads into an engine with identical settings.
+pub fn engine(manifest: &Manifest, defaults: &Limits) -> anyhow::Result<Engine> {
+    let resolved = resolve_limits(manifest, defaults)?;
+    Ok(Engine::new(&engine_config(defaults, &resolved))?)
 }
 
 /// The engine: epoch interruption for deadlines, fuel when some handler asks
