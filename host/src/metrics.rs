@@ -212,7 +212,7 @@ impl Metrics {
         );
 
         let series_of = |ty: Cow<'static, str>| TypeSeries {
-            processed: Outcome::ALL.map(|outcome| processed.get_or_create_owned(&type_outcome(&ty, outcome))),
+            processed: Outcome::ALL.map(|outcome| processed.get_or_create_owned(&type_outcome(ty.clone(), outcome))),
             duration: Default::default(),
             deduplicated: deduplicated.get_or_create_owned(&[("type", ty.clone())]),
             label: ty,
@@ -269,7 +269,7 @@ impl Metrics {
         let series = self.by_type.get(event_type).unwrap_or(&self.unrouted);
         series.processed[outcome.index()].inc();
         series.duration[outcome.index()]
-            .get_or_init(|| self.duration.get_or_create_owned(&type_outcome(&series.label, outcome)))
+            .get_or_init(|| self.duration.get_or_create_owned(&type_outcome(series.label.clone(), outcome)))
             .observe(elapsed.as_secs_f64());
         if outcome == Outcome::Replayed {
             series.deduplicated.inc();
@@ -322,8 +322,8 @@ impl Metrics {
     }
 }
 
-fn type_outcome(ty: &Cow<'static, str>, outcome: Outcome) -> Labels<2> {
-    [("type", ty.clone()), ("outcome", Cow::Borrowed(outcome.label()))]
+fn type_outcome(ty: Cow<'static, str>, outcome: Outcome) -> Labels<2> {
+    [("type", ty), ("outcome", Cow::Borrowed(outcome.label()))]
 }
 
 /// Keeps `events_in_flight` raised while it lives.
