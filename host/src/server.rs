@@ -7,8 +7,10 @@
 //! time limit before anything else looks at it. Each event is processed in
 //! its own task, so a client that hangs up does not cut a transaction short.
 //! That task runs inside an `event` tracing span holding the event's
-//! source, id, type, handler and outcome, so every log line about the event
-//! (the handler's own lines and stdout included) carries them.
+//! source, id, type, handler and outcome (and the trace id of its W3C
+//! `traceparent` extension, when it has a valid one), so every log line
+//! about the event (the handler's own lines and stdout included) carries
+//! them.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -254,7 +256,16 @@ impl App {
             r#type = %event.ty,
             handler = tracing::field::Empty,
             outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
+        if let Some(trace_id) = event
+            .extensions
+            .iter()
+            .find(|(name, _)| name == "traceparent")
+            .and_then(|(_, value)| trace_id(value))
+        {
+            span.record("trace_id", trace_id);
+        }
         let task = tokio::spawn(
             async move {
                 let in_flight = app.metrics.in_flight();
@@ -306,6 +317,23 @@ impl App {
             Err(error) => Rejection::Internal(format!("the event task failed: {error}")).into_response(),
         }
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+/// if it is well-formed and not all zeros.
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (parts.next().is_none() || version != "00")
+        && hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && hex(parent_id, 16)
+        && parent_id.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then_some(trace_id)
 }
 
 enum BodyError {
@@ -384,4 +412,21 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id;
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparents_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01-extra")), None);
+        assert_eq!(trace_id(&format!("01-{id}-00f067aa0ba902b7-01-extra")), Some(id));
+        assert_eq!(trace_id(&format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32))), None);
+        assert_eq!(trace_id(&format!("00-{id}-0000000000000000-01")), None);
+        assert_eq!(trace_id(&format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase())), None);
+        assert_eq!(trace_id("garbage"), None);
+    }
 }

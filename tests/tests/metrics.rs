@@ -280,13 +280,19 @@ async fn limit_hits_are_counted(backend: Backend) {
 }
 
 /// The handler's own log lines and the final line of an event are written
-/// inside the event's span: each carries source, id, type and handler, and
-/// the final one the outcome.
+/// inside the event's span: each carries source, id, type, handler and the
+/// trace id of the event's `traceparent`, and the final one the outcome.
 async fn event_log_lines_carry_the_event(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     // test.commit logs a warning from inside the handler.
     let event = Event::new("test.commit");
-    app.send_binary(&event)
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = event.binary_headers();
+    headers.push((
+        "ce-traceparent".to_owned(),
+        format!("00-{trace}-00f067aa0ba902b7-01"),
+    ));
+    app.post(&headers, event.data_bytes())
         .await
         .assert_error(422, "statement-refused");
 
@@ -324,6 +330,7 @@ async fn event_log_lines_carry_the_event(backend: Backend) {
         assert_eq!(span["id"], event.id.as_str(), "{line}");
         assert_eq!(span["type"], "test.commit", "{line}");
         assert_eq!(span["handler"], "testkit", "{line}");
+        assert_eq!(span["trace_id"], trace, "{line}");
     }
     assert_eq!(final_line["span"]["outcome"], "rejected", "{final_line}");
 }
