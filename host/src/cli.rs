@@ -1,4 +1,5 @@
-//! The command line: `exactly serve`, `exactly migrate` and `exactly dlq`.
+//! The command line: `exactly serve`, `exactly migrate`, `exactly compile`
+//! and `exactly dlq`.
 //!
 //! Every flag has an environment fallback so the same binary runs unchanged
 //! as a Knative Service (configuration by environment) and on a laptop.
@@ -14,8 +15,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::manifest::Manifest;
-use crate::runtime::{Limits, Runtime};
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::retention::{self, Retention};
+use crate::runtime::{Limits, Runtime, precompile};
 use crate::server::{self, ServerConfig, Startup};
 use crate::policy::Policy;
 use crate::storage::{self, Backend, Database, DbOptions, handler_tables};
@@ -47,6 +50,32 @@ enum Command {
     Migrate(CommonArgs),
     /// Dead letters stored by `POST /dead-letter`: list them, replay them.
     Dlq(crate::dlq::DlqArgs),
+    /// Precompile every handler component of the manifest ahead of time
+    /// (`<name>.cwasm` next to each `.wasm`, or in `--out-dir`), so `serve`
+    /// starts without compiling. Give it the same `--handler-memory-mib` and
+    /// `--db-max-connections` as `serve`: the engine settings must match.
+    Compile(CompileArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompileArgs {
+    /// The handler manifest whose components to compile.
+    #[arg(long, env = "EXACTLY_HANDLERS", default_value = "handlers.toml")]
+    handlers: PathBuf,
+
+    /// Folder for the `.cwasm` files (created if missing); `serve` then
+    /// needs `--precompiled-dir` with the same folder. Default: next to each
+    /// `.wasm`.
+    #[arg(long, env = "EXACTLY_PRECOMPILED_DIR")]
+    out_dir: Option<PathBuf>,
+
+    /// As for `serve`.
+    #[arg(long, env = "EXACTLY_HANDLER_MEMORY_MIB", default_value_t = 128)]
+    handler_memory_mib: u64,
+
+    /// As for `serve` (it sizes the instance pool).
+    #[arg(long, env = "EXACTLY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    db_max_connections: u32,
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +158,33 @@ struct ServeArgs {
     /// How long in-flight events may take to finish after SIGTERM.
     #[arg(long, env = "EXACTLY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+
+    /// How long a processed event's dedup record is kept; a redelivery
+    /// after that runs the handler again. `0` or `off`: kept forever.
+    #[arg(long, env = "EXACTLY_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    retention: RetentionWindow,
+
+    /// Time between two retention sweeps (each also measures the oldest
+    /// record's age for the metrics).
+    #[arg(long, env = "EXACTLY_RETENTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    retention_interval: Duration,
+
+    /// Most expired records deleted by one statement of a sweep.
+    #[arg(long, env = "EXACTLY_RETENTION_BATCH", default_value_t = 1000)]
+    retention_batch: u32,
+
+    /// Folder holding the `.cwasm` files `exactly compile --out-dir` wrote.
+    /// Default: next to each `.wasm`.
+    #[arg(long, env = "EXACTLY_PRECOMPILED_DIR")]
+    precompiled_dir: Option<PathBuf>,
+}
+
+/// `--retention`: a window, or none.
+#[derive(Debug, Clone, Copy)]
+struct RetentionWindow(Option<Duration>);
+
+fn parse_retention(text: &str) -> Result<RetentionWindow, String> {
+    retention::parse_window(text).map(RetentionWindow)
 }
 
 impl CommonArgs {
@@ -163,6 +219,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(args).await,
             Command::Dlq(args) => crate::dlq::run(args).await,
+            Command::Compile(args) => compile(args),
         }
     });
     match result {
@@ -183,18 +240,52 @@ async fn migrate(args: CommonArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host-wide sandbox limits. `serve` and `compile` both build them
+/// here: the engine, and so the compiled code, depends on them.
+fn sandbox_limits(
+    handler_timeout: Duration,
+    handler_memory_mib: u64,
+    db_max_connections: u32,
+    max_body_bytes: usize,
+) -> anyhow::Result<Limits> {
+    Ok(Limits {
+        deadline: handler_timeout,
+        memory_bytes: handler_memory_mib
+            .checked_mul(1024 * 1024)
+            .context("--handler-memory-mib is too large")?,
+        concurrent_runs: db_max_connections,
+        max_body_bytes: max_body_bytes as u64,
+    })
+}
+
+fn compile(args: CompileArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&args.handlers)?;
+    // Deadline and body size do not reach the engine; the defaults do.
+    let limits = sandbox_limits(Duration::from_secs(10), args.handler_memory_mib, args.db_max_connections, 1024 * 1024)?;
+    let engine = crate::runtime::engine(&manifest, &limits)?;
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    for handler in &manifest.handlers {
+        let compiled = precompile::compile(&engine, &handler.component, args.out_dir.as_deref())
+            .with_context(|| format!("handler {}", handler.name))?;
+        tracing::info!(handler = %handler.name, cwasm = %compiled.cwasm.display(), bytes = compiled.bytes,
+            ms = compiled.took.as_millis() as u64, "handler precompiled");
+        println!("{}", compiled.cwasm.display());
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::fault::check_env()?;
     let manifest = Manifest::load(&args.common.handlers)?;
-    let limits = Limits {
-        deadline: args.handler_timeout,
-        memory_bytes: args
-            .handler_memory_mib
-            .checked_mul(1024 * 1024)
-            .context("--handler-memory-mib is too large")?,
-        concurrent_runs: args.common.database.db_max_connections,
-        max_body_bytes: args.max_body_bytes as u64,
-    };
+    let limits = sandbox_limits(
+        args.handler_timeout,
+        args.handler_memory_mib,
+        args.common.database.db_max_connections,
+        args.max_body_bytes,
+    )?;
+    let metrics = Arc::new(Metrics::new(&manifest));
     let backend = Backend::from_url(&args.common.database.database_url)?;
     let mut policies = HashMap::new();
     for handler in &manifest.handlers {
@@ -203,14 +294,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
-    let runtime = Runtime::new(&manifest, limits, &policies)?;
+    let runtime = Runtime::new(&manifest, limits, &policies, args.precompiled_dir.as_deref(), &metrics)?;
+    let retention = Retention { window: args.retention.0, interval: args.retention_interval, batch: args.retention_batch };
+    // Once the database is there: the sweeper, and the pipeline.
+    let pipeline_metrics = metrics.clone();
+    let start = move |database: Database, roles, runtime| {
+        retention::spawn(database.clone(), retention, pipeline_metrics.clone());
+        Pipeline::new(database, runtime, roles, pipeline_metrics)
+    };
     let listen = args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.port)));
     let options = args.common.db_options();
     let migrate = !args.no_migrate;
     let startup = match open_database(&options, &manifest, migrate).await {
-        Ok((database, roles)) => Startup::Ready(Pipeline::new(database, runtime, roles)),
+        Ok((database, roles)) => Startup::Ready(start(database, roles, runtime)),
         Err(error) if storage::is_transient(&error) => {
             tracing::warn!(
                 error = format!("{error:#}"),
@@ -223,7 +321,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     match open_database(&options, &manifest, migrate).await {
                         Ok((database, roles)) => {
                             tracing::info!("the database is reachable: ready");
-                            return Ok(Pipeline::new(database, runtime, roles));
+                            return Ok(start(database, roles, runtime));
                         }
                         Err(error) if storage::is_transient(&error) => {
                             delay = (delay * 2).min(DB_RETRY_MAX);
@@ -243,6 +341,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         body_read_timeout: args.body_read_timeout,
         startup,
+        metrics,
     })
     .await
 }

@@ -145,7 +145,6 @@ pub async fn store(database: &Database, event: &CloudEvent) -> Result<Stored, Re
     };
     let (dead_letter_id, deliveries) = stored;
     if deliveries == 1 {
-        // metrics: dead_letters_stored_total.inc() (new rows only, not redeliveries)
         tracing::info!(
             source = %event.source, id = %event.id, r#type = %event.ty, code = code.as_deref().unwrap_or(""),
             dest = dest.as_deref().unwrap_or(""), dead_letter_id, "dead letter stored"

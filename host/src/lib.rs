@@ -7,9 +7,10 @@
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
-//! [`server`] wires HTTP, [`cli`] the command line; [`fault`] holds the
-//! test-only crash points. Dead-lettered events take a path of their own,
-//! [`dlq`]: stored, listed and replayed, never run.
+//! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
+//! `/metrics` reports, [`retention`] the sweeper that expires dedup records;
+//! [`fault`] holds the test-only crash points. Dead-lettered events take a
+//! path of their own, [`dlq`]: stored, listed and replayed, never run.
 
 pub mod answer;
 pub mod cli;
@@ -18,8 +19,10 @@ pub mod decode;
 pub mod dlq;
 pub mod fault;
 pub mod manifest;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod retention;
 pub mod runtime;
 pub mod server;
 pub mod storage;

@@ -15,12 +15,15 @@
 //! `Err` means none of them are.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
 
 use uuid::Uuid;
 
 use crate::answer::{Committed, Rejection, ReplyEvent};
 use crate::decode::CloudEvent;
 use crate::fault::{self, Point};
+use crate::metrics::{EventTimings, Metrics};
 use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
 use crate::runtime::{LoadedHandler, Runtime};
 use crate::storage::{Claim, Database};
@@ -33,6 +36,7 @@ pub struct Pipeline {
     runtime: Runtime,
     /// PostgreSQL role of each handler (empty on SQLite).
     roles: HashMap<String, String>,
+    metrics: Arc<Metrics>,
 }
 
 /// A processed event's answer, and whether it is a replay.
@@ -43,8 +47,8 @@ pub struct Processed {
 }
 
 impl Pipeline {
-    pub fn new(database: Database, runtime: Runtime, roles: HashMap<String, String>) -> Self {
-        Pipeline { database, runtime, roles }
+    pub fn new(database: Database, runtime: Runtime, roles: HashMap<String, String>, metrics: Arc<Metrics>) -> Self {
+        Pipeline { database, runtime, roles, metrics }
     }
 
     pub async fn process(&self, event: &CloudEvent) -> Result<Processed, Rejection> {
@@ -52,17 +56,33 @@ impl Pipeline {
             .runtime
             .route(&event.ty)
             .ok_or_else(|| Rejection::NoHandler(event.ty.clone()))?;
+        tracing::Span::current().record("handler", handler.name.as_str());
+        let mut timings = EventTimings::default();
+        let result = self.claim_and_run(handler, event, &mut timings).await;
+        self.metrics.handler_timings(&handler.name, timings.handler, timings.database);
+        result
+    }
+
+    async fn claim_and_run(
+        &self,
+        handler: &LoadedHandler,
+        event: &CloudEvent,
+        timings: &mut EventTimings,
+    ) -> Result<Processed, Rejection> {
         let size = event.data.as_ref().map_or(0, Vec::len) as u64;
         if size > handler.limits.max_body_bytes {
             return Err(Rejection::PayloadTooLarge(handler.limits.max_body_bytes as usize));
         }
         let payload_sha256 = event.payload_sha256();
+        let started = Instant::now();
         let mut tx = self.database.begin().await?;
         let role = self.roles.get(&handler.name).map(String::as_str);
-        match tx.claim(event, &handler.name, &payload_sha256, role, handler.limits.statement_timeout).await {
+        let claimed = tx.claim(event, &handler.name, &payload_sha256, role, handler.limits.statement_timeout).await;
+        match claimed {
             Ok(Claim::Owned) => fault::hit(Point::AfterClaim),
             Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
                 tx.rollback().await;
+                timings.database += started.elapsed();
                 if stored != payload_sha256 {
                     return Err(Rejection::KeyReused { event_source: event.source.clone(), id: event.id.clone() });
                 }
@@ -70,29 +90,39 @@ impl Pipeline {
             }
             Err(rejection) => {
                 tx.rollback().await;
+                timings.database += started.elapsed();
                 return Err(rejection);
             }
         }
+        timings.database += started.elapsed();
 
-        let (tx, verdict) = self.runtime.run(handler, event, tx).await;
+        let started = Instant::now();
+        let (tx, verdict, statements_time) = self.runtime.run(handler, event, tx).await;
+        timings.handler = Some(started.elapsed());
+        timings.database += statements_time;
         let Some(mut tx) = tx else {
             return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
         };
         fault::hit(Point::AfterHandler);
         let prepared = verdict.and_then(|outcome| prepare_answer(handler, event, outcome));
+        let started = Instant::now();
         let (answer, result) = match prepared {
             Ok(prepared) => prepared,
             Err(rejection) => {
                 tx.rollback().await;
+                timings.database += started.elapsed();
                 return Err(rejection);
             }
         };
         if let Err(rejection) = tx.store_answer(event, &answer, &result).await {
             tx.rollback().await;
+            timings.database += started.elapsed();
             return Err(rejection);
         }
         fault::hit(Point::BeforeCommit);
-        tx.commit().await?;
+        let committed = tx.commit().await;
+        timings.database += started.elapsed();
+        committed?;
         fault::hit(Point::AfterCommit);
         Ok(Processed { answer, replay: false, handler: handler.name.clone() })
     }

@@ -3,10 +3,16 @@
 //! `POST /` takes one CloudEvent; `POST /dead-letter` takes one that the
 //! Knative dispatcher dead-lettered (stored, never run: [`crate::dlq`]);
 //! `GET /healthz` says the process is alive, `GET /readyz` that it can take
-//! events (database reachable, handlers loaded, not shutting down). The body
-//! is read under a size limit and a time limit before anything else looks at
-//! it. Each event is processed in its own task, so a client that hangs up
-//! does not cut a transaction short.
+//! events (database reachable, handlers loaded, not shutting down);
+//! `GET /metrics` answers the Prometheus text format (see
+//! [`crate::metrics`]). The body is read under a size limit and a time limit
+//! before anything else looks at it. Each event is processed in its own
+//! task, so a client that hangs up does not cut a transaction short.
+//! That task runs inside an `event` tracing span holding the event's
+//! source, id, type, handler and outcome (and the trace id of its W3C
+//! `traceparent` extension, when it has a valid one), so every log line
+//! about the event (the handler's own lines and stdout included) carries
+//! them.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -29,10 +35,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::answer::{Body, Rejection};
 use crate::decode::{CloudEvent, decode};
 use crate::dlq;
+use crate::metrics::{self, Metrics, Outcome};
 use crate::pipeline::Pipeline;
 
 pub struct ServerConfig {
@@ -42,6 +50,7 @@ pub struct ServerConfig {
     pub max_dead_letter_bytes: usize,
     pub shutdown_grace: Duration,
     pub startup: Startup,
+    pub metrics: Arc<Metrics>,
     /// How long a client may take to send the request body once its
     /// headers arrived ([`DEFAULT_BODY_READ_TIMEOUT`] unless configured);
     /// a slower client gets 408.
@@ -73,6 +82,7 @@ const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
 struct App {
     /// Set once the database is reachable and migrated.
     pipeline: OnceLock<Pipeline>,
+    metrics: Arc<Metrics>,
     max_body_bytes: usize,
     max_dead_letter_bytes: usize,
     body_read_timeout: Duration,
@@ -90,6 +100,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     let app = Arc::new(App {
         pipeline,
+        metrics: config.metrics,
         max_body_bytes: config.max_body_bytes,
         max_dead_letter_bytes: config.max_dead_letter_bytes,
         body_read_timeout: config.body_read_timeout,
@@ -196,6 +207,13 @@ impl App {
             (&Method::POST, "/") => self.receive(request).await,
             (&Method::POST, dlq::PATH) => self.receive_dead_letter(request).await,
             (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
+            (&Method::GET, "/metrics") => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(metrics::CONTENT_TYPE));
+                response
+            }
             (&Method::GET, "/readyz") => {
                 if self.shutting_down.load(Ordering::SeqCst) {
                     plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
@@ -234,30 +252,69 @@ impl App {
 
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let app = self.clone();
-        let task = tokio::spawn(async move {
-            let started = Instant::now();
-            let pipeline = app.pipeline.get().expect("checked before the body was read");
-            let result = pipeline.process(&event).await;
-            let micros = started.elapsed().as_micros() as u64;
-            match &result {
-                Ok(processed) => tracing::info!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, handler = %processed.handler,
-                    status = processed.answer.status, replay = processed.replay, micros, "event processed"
-                ),
-                Err(rejection) if rejection.status().is_server_error() => tracing::warn!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
-                    error = rejection.code(), micros, "event not processed, retry expected: {rejection}"
-                ),
-                Err(rejection) => tracing::info!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
-                    error = rejection.code(), micros, "event refused: {rejection}"
-                ),
+        let span = tracing::info_span!(
+            "event",
+            source = %event.source,
+            id = %event.id,
+            r#type = %event.ty,
+            handler = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(trace_id) = event
+            .extensions
+            .iter()
+            .find(|(name, _)| name == "traceparent")
+            .and_then(|(_, value)| trace_id(value))
+        {
+            span.record("trace_id", trace_id);
+        }
+        let task = tokio::spawn(
+            async move {
+                let in_flight = app.metrics.in_flight();
+                let started = Instant::now();
+                let pipeline = app.pipeline.get().expect("checked before the body was read");
+                let result = pipeline.process(&event).await;
+                let elapsed = started.elapsed();
+                let micros = elapsed.as_micros() as u64;
+                let outcome = match &result {
+                    Ok(processed) => Outcome::of(processed.answer.status, processed.replay),
+                    Err(rejection) => Outcome::of(rejection.status().as_u16(), false),
+                };
+                tracing::Span::current().record("outcome", outcome.label());
+                app.metrics.event_answered(&event.ty, outcome, elapsed);
+                drop(in_flight);
+                match &result {
+                    Ok(processed) => tracing::info!(
+                        status = processed.answer.status, replay = processed.replay, micros, "event processed"
+                    ),
+                    Err(rejection) => {
+                        app.metrics.rejected(rejection.code());
+                        match rejection {
+                            Rejection::Limit { handler, limit, .. } => app.metrics.limit_hit(handler, limit.code()),
+                            Rejection::Deadline { handler, .. } => app.metrics.limit_hit(handler, "deadline"),
+                            _ => {}
+                        }
+                        if rejection.status().is_server_error() {
+                            tracing::warn!(
+                                status = rejection.status().as_u16(), error = rejection.code(), micros,
+                                "event not processed, retry expected: {rejection}"
+                            );
+                        } else {
+                            tracing::info!(
+                                status = rejection.status().as_u16(), error = rejection.code(), micros,
+                                "event refused: {rejection}"
+                            );
+                        }
+                    }
+                }
+                if app.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    app.idle.notify_waiters();
+                }
+                result
             }
-            if app.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                app.idle.notify_waiters();
-            }
-            result
-        });
+            .instrument(span),
+        );
         match task.await {
             Ok(Ok(processed)) => processed.answer.into_response(processed.replay),
             Ok(Err(rejection)) => rejection.into_response(),
@@ -268,13 +325,31 @@ impl App {
     /// Reads the request body (within the size and time limits) and
     /// decodes it into a CloudEvent, or answers why it cannot.
     async fn read_event(&self, request: Request<Incoming>, limit: usize) -> Result<CloudEvent, Response<Body>> {
-        let (parts, mut body) = request.into_parts();
+        let (parts, body) = request.into_parts();
+        self.read_parts(&parts, body, limit).await.map_err(|(rejection, response)| {
+            self.metrics.rejected(rejection.code());
+            response
+        })
+    }
+
+    async fn read_parts(
+        &self,
+        parts: &http::request::Parts,
+        mut body: Incoming,
+        limit: usize,
+    ) -> Result<CloudEvent, (Rejection, Response<Body>)> {
+        // A refusal before or while the body is read: the connection closes
+        // after the answer.
+        let refuse = |body, rejection: Rejection| {
+            let response = refuse_body(&parts.headers, body, rejection.clone());
+            (rejection, response)
+        };
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(refuse_body(&parts.headers, body, Rejection::ShuttingDown));
+            return Err(refuse(body, Rejection::ShuttingDown));
         }
         if self.pipeline.get().is_none() {
             let waiting = Rejection::DatabaseUnavailable("exactly is starting and waits for the database".into());
-            return Err(refuse_body(&parts.headers, body, waiting));
+            return Err(refuse(body, waiting));
         }
         let declared = parts
             .headers
@@ -282,26 +357,25 @@ impl App {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|length| length > limit as u64) {
-            return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(limit)));
+            return Err(refuse(body, Rejection::PayloadTooLarge(limit)));
         }
         let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, limit)).await;
         let body = match read {
             Ok(Ok(bytes)) => bytes,
-            Ok(Err(BodyError::TooLarge)) => {
-                return Err(refuse_body(&parts.headers, body, Rejection::PayloadTooLarge(limit)));
-            }
+            Ok(Err(BodyError::TooLarge)) => return Err(refuse(body, Rejection::PayloadTooLarge(limit))),
             Ok(Err(BodyError::Read(error))) => {
                 let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
-                return Err(closing(rejection.into_response()));
+                return Err((rejection.clone(), closing(rejection.into_response())));
             }
             Err(_elapsed) => {
                 tracing::info!(timeout = ?self.body_read_timeout, "the request body did not arrive in time");
-                return Err(closing(Rejection::RequestTimeout(self.body_read_timeout).into_response()));
+                let rejection = Rejection::RequestTimeout(self.body_read_timeout);
+                return Err((rejection.clone(), closing(rejection.into_response())));
             }
         };
         decode(&parts.headers, body).map_err(|rejection| {
             tracing::info!(error = rejection.code(), "{rejection}");
-            rejection.into_response()
+            (rejection.clone(), rejection.into_response())
         })
     }
 
@@ -331,11 +405,33 @@ impl App {
             result
         });
         match task.await {
-            Ok(Ok(_stored)) => dlq::accepted(),
+            Ok(Ok(stored)) => {
+                if matches!(stored, dlq::Stored::New(_)) {
+                    self.metrics.dead_letter_stored();
+                }
+                dlq::accepted()
+            }
             Ok(Err(rejection)) => rejection.into_response(),
             Err(error) => Rejection::Internal(format!("the dead-letter task failed: {error}")).into_response(),
         }
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+/// if it is well-formed and not all zeros.
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (parts.next().is_none() || version != "00")
+        && hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && hex(parent_id, 16)
+        && parent_id.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    valid.then_some(trace_id)
 }
 
 enum BodyError {
@@ -414,4 +510,21 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trace_id;
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparents_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01-extra")), None);
+        assert_eq!(trace_id(&format!("01-{id}-00f067aa0ba902b7-01-extra")), Some(id));
+        assert_eq!(trace_id(&format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32))), None);
+        assert_eq!(trace_id(&format!("00-{id}-0000000000000000-01")), None);
+        assert_eq!(trace_id(&format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase())), None);
+        assert_eq!(trace_id("garbage"), None);
+    }
 }

@@ -387,6 +387,21 @@ impl TestEnv {
             .expect("run exactly migrate")
     }
 
+    /// Runs `exactly compile --handlers <manifest> <args>` to the end
+    /// (`args` may name another manifest with `--handlers`).
+    pub async fn compile(&self, args: &[&str]) -> Output {
+        let mut command = self.exactly();
+        command.arg("compile");
+        if !args.contains(&"--handlers") {
+            command.arg("--handlers").arg(self.manifest());
+        }
+        command.args(args);
+        tokio::time::timeout(REQUEST_TIMEOUT, command.output())
+            .await
+            .expect("exactly compile did not finish within a minute")
+            .expect("run exactly compile")
+    }
+
     /// Starts `exactly serve` on a free port and waits until it listens.
     pub async fn serve(self) -> TestApp {
         self.serve_with_flags(&[]).await
@@ -622,6 +637,23 @@ impl TestApp {
     /// The last lines the host logged.
     pub fn stderr_tail(&self) -> String {
         tail(&self.stderr_path, 80)
+    }
+
+    /// Everything the host logged so far.
+    pub fn logs(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Scrapes `GET /metrics` and parses the text format.
+    pub async fn metrics(&self) -> crate::metrics::Scrape {
+        let answer = self.get("/metrics").await;
+        answer.assert_status(200);
+        let content_type = answer.header("content-type").unwrap_or_default().to_owned();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "/metrics answered content-type {content_type:?}, not the Prometheus text format"
+        );
+        crate::metrics::Scrape::parse(&answer.body_text())
     }
 }
 

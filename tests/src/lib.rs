@@ -17,7 +17,8 @@
 //!
 //! Layout: [`backend`] creates and inspects the test databases, [`event`]
 //! builds CloudEvents and their two HTTP encodings, [`app`] finds, starts and
-//! stops the binary, [`answer`] reads what it answered.
+//! stops the binary, [`answer`] reads what it answered, [`metrics`] parses
+//! what `/metrics` reports.
 //!
 //! The sandbox tests add the `hostile` handler, which attacks its sandbox,
 //! with a `[handler.limits]` table of their choice:
@@ -28,11 +29,13 @@ pub mod app;
 pub mod backend;
 pub mod event;
 pub mod harness;
+pub mod metrics;
 
 pub use answer::{Answer, ErrorBody};
 pub use app::{HandlerEntry, HandlerLimits, ProcessedEvent, TestApp, TestEnv};
 pub use backend::{Backend, Db};
 pub use event::Event;
+pub use metrics::Scrape;
 pub use serde_json::json;
 
 /// Generates one `#[tokio::test]` per storage backend for each test body.

@@ -19,6 +19,7 @@ pub mod bindings {
 }
 
 mod log;
+pub mod precompile;
 mod tx;
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -34,6 +35,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::answer::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::storage::{EventTx, RowCaps};
 use bindings::exactly::handler::types;
@@ -119,6 +121,8 @@ pub struct EventState {
     event_id: String,
     limits: HandlerLimits,
     statements: u64,
+    /// Time spent in the handler's statements, for the metrics.
+    database_time: Duration,
     log_bytes: u64,
     /// Set by the first failed or refused statement or exceeded limit:
     /// nothing of the event may commit after that, whatever the handler
@@ -168,15 +172,19 @@ impl WasiView for EventState {
 impl types::Host for EventState {}
 
 impl Runtime {
-    /// Compiles every component of the manifest and links it against the
-    /// host's imports. Any component that cannot be loaded, or that imports
-    /// something the host does not provide, stops the start-up here.
-    pub fn new(manifest: &Manifest, defaults: Limits, policies: &HashMap<String, Arc<Policy>>) -> anyhow::Result<Runtime> {
-        let mut resolved = Vec::new();
-        for spec in &manifest.handlers {
-            let limits = HandlerLimits::resolve(spec, &defaults).with_context(|| format!("limits of handler {}", spec.name))?;
-            resolved.push((spec, limits));
-        }
+    /// Loads every component of the manifest (precompiled by `exactly
+    /// compile` when that is valid, see [`precompile`], else compiled now)
+    /// and links it against the host's imports. Any component that cannot be
+    /// loaded, or that imports something the host does not provide, stops
+    /// the start-up here.
+    pub fn new(
+        manifest: &Manifest,
+        defaults: Limits,
+        policies: &HashMap<String, Arc<Policy>>,
+        precompiled_dir: Option<&std::path::Path>,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Runtime> {
+        let resolved = resolve_limits(manifest, &defaults)?;
         let engine = Engine::new(&engine_config(&defaults, &resolved))?;
 
         let mut linker: Linker<EventState> = Linker::new(&engine);
@@ -186,8 +194,7 @@ impl Runtime {
         let mut by_type = HashMap::new();
         for (spec, limits) in resolved {
             let started = Instant::now();
-            let component = Component::from_file(&engine, &spec.component)
-                .map_err(anyhow::Error::from)
+            let (component, from) = precompile::load(&engine, &spec.component, precompiled_dir)
                 .with_context(|| format!("cannot load component {} of handler {}", spec.component.display(), spec.name))?;
             let pre = linker
                 .instantiate_pre(&component)
@@ -200,7 +207,10 @@ impl Runtime {
                         spec.name
                     )
                 })?;
-            tracing::info!(handler = %spec.name, types = ?spec.types, ms = started.elapsed().as_millis() as u64, "handler compiled");
+            let took = started.elapsed();
+            metrics.handler_loaded(&spec.name, from, took);
+            tracing::info!(handler = %spec.name, types = ?spec.types, from = from.label(),
+                micros = took.as_micros() as u64, "handler loaded");
             let policy = policies
                 .get(&spec.name)
                 .cloned()
@@ -230,17 +240,18 @@ impl Runtime {
         self.by_type.get(event_type)
     }
 
-    /// Runs `handler` on `event` inside `tx` and gives `tx` back.
+    /// Runs `handler` on `event` inside `tx` and gives `tx` back, with the
+    /// time the handler's statements spent in the database.
     pub async fn run(
         &self,
         handler: &LoadedHandler,
         event: &CloudEvent,
         mut tx: EventTx,
-    ) -> (Option<EventTx>, Result<types::Outcome, Rejection>) {
+    ) -> (Option<EventTx>, Result<types::Outcome, Rejection>, Duration) {
         let limits = handler.limits;
         let deadline = Instant::now() + limits.deadline;
         if let Err(rejection) = tx.enter_handler(deadline).await {
-            return (Some(tx), Err(rejection));
+            return (Some(tx), Err(rejection), Duration::ZERO);
         }
 
         let stdio_capacity = usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX);
@@ -260,6 +271,7 @@ impl Runtime {
             event_id: event.id.clone(),
             limits,
             statements: 0,
+            database_time: Duration::ZERO,
             log_bytes: 0,
             doom: None,
             memory: MemoryGuard { cap: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX), hit: false },
@@ -284,6 +296,7 @@ impl Runtime {
 
         let state = store.data_mut();
         let mut tx = state.tx.take();
+        let database_time = state.database_time;
         let printed = stdio.contents();
         log_stdio(&handler.name, event, &printed);
         let stdio_full = printed.len() >= stdio_capacity;
@@ -306,7 +319,7 @@ impl Runtime {
         {
             verdict = Err(rejection);
         }
-        (tx, verdict)
+        (tx, verdict, database_time)
     }
 }
 
@@ -360,6 +373,27 @@ impl Run {
             (_, Ok(Ok(outcome))) => Ok(outcome),
         }
     }
+}
+
+/// Each handler of the manifest with the limits its events run under.
+fn resolve_limits<'m>(manifest: &'m Manifest, defaults: &Limits) -> anyhow::Result<Vec<(&'m HandlerSpec, HandlerLimits)>> {
+    manifest
+        .handlers
+        .iter()
+        .map(|spec| {
+            let limits =
+                HandlerLimits::resolve(spec, defaults).with_context(|| format!("limits of handler {}", spec.name))?;
+            Ok((spec, limits))
+        })
+        .collect()
+}
+
+/// The engine handlers run in, as `serve` builds it for `manifest` and
+/// `defaults`. `exactly compile` uses this very function: code compiled
+/// ahead of time only loads into an engine with identical settings.
+pub fn engine(manifest: &Manifest, defaults: &Limits) -> anyhow::Result<Engine> {
+    let resolved = resolve_limits(manifest, defaults)?;
+    Ok(Engine::new(&engine_config(defaults, &resolved))?)
 }
 
 /// The engine: epoch interruption for deadlines, fuel when some handler asks

@@ -44,7 +44,10 @@ impl EventState {
         let Some(tx) = self.tx.as_mut() else {
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message: "no open transaction".into() });
         };
-        match tx.run_handler_statement(admitted, params, want_rows, caps).await {
+        let started = std::time::Instant::now();
+        let ran = tx.run_handler_statement(admitted, params, want_rows, caps).await;
+        self.database_time += started.elapsed();
+        match ran {
             Ok(output) => Ok(output),
             Err(StatementError { error, blame }) => {
                 tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,

@@ -1,0 +1,170 @@
+//! Retention: dedup records expire.
+//!
+//! Every committed event leaves one row in the processed-events table; left
+//! alone the table grows forever. A record only has to outlive the window in
+//! which the broker may still redeliver its event (Kafka's topic retention,
+//! the Trigger's retries and backoff, a dead-letter replay), so rows older
+//! than `--retention` (default 7 days) are deleted by a background sweeper.
+//!
+//! The trade-off, on purpose: a redelivery that arrives after its record
+//! expired is a new event to `exactly`, and its handler runs again. Choose
+//! the window longer than anything that can redeliver.
+//!
+//! The sweeper never holds up event traffic: it deletes at most
+//! `--retention-batch` rows per statement, oldest first through the
+//! `processed_at` index, each statement its own short transaction, and
+//! pauses between statements so that events queue behind at most one batch
+//! (SQLite has a single writer). On PostgreSQL it skips rows another
+//! transaction holds, so several replicas can sweep at once. After each
+//! sweep it measures the oldest record's age for
+//! `processed_events_oldest_age_seconds`; with retention off it still does
+//! that, so the growth is visible.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+use crate::storage::Database;
+
+/// How the sweeper runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Records older than this are deleted; `None`: kept forever.
+    pub window: Option<Duration>,
+    /// Time between two sweeps.
+    pub interval: Duration,
+    /// Most rows deleted by one statement.
+    pub batch: u32,
+}
+
+/// Pause between two batches of one sweep: events waiting for the database
+/// (on SQLite, for its one writer connection) go first.
+const BATCH_PAUSE: Duration = Duration::from_millis(50);
+
+/// Parses `--retention`: a duration (`7d`, `12h`, `1s`), or `0` / `off`
+/// for no expiry.
+pub fn parse_window(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") || text == "0" {
+        return Ok(None);
+    }
+    let window = humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 7d or 12h, nor off: {e}"))?;
+    Ok(Some(window).filter(|window| !window.is_zero()))
+}
+
+/// Starts the sweeper on the current tokio runtime. It runs until the
+/// process exits; a failed sweep is logged and tried again next time.
+pub fn spawn(database: Database, retention: Retention, metrics: Arc<Metrics>) {
+    match retention.window {
+        Some(window) => tracing::info!(window = ?window, interval = ?retention.interval, batch = retention.batch, "retention: records expire"),
+        None => tracing::info!("retention is off: dedup records are kept forever"),
+    }
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(retention.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if let Some(window) = retention.window {
+                sweep(&database, window, retention.batch.max(1), &metrics).await;
+            }
+            match oldest_age(&database).await {
+                Ok(age) => metrics.set_oldest_processed_age(age.unwrap_or_default()),
+                Err(error) => tracing::debug!(%error, "retention: cannot read the oldest record's age"),
+            }
+        }
+    });
+}
+
+/// Deletes every expired record, one batch at a time.
+async fn sweep(database: &Database, window: Duration, batch: u32, metrics: &Metrics) {
+    let mut total = 0u64;
+    loop {
+        match delete_expired(database, window, batch).await {
+            Ok(deleted) => {
+                total += deleted;
+                metrics.processed_events_expired(deleted);
+                if deleted < u64::from(batch) {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, deleted = total, "retention: deleting expired records failed; trying again next sweep");
+                return;
+            }
+        }
+        tokio::time::sleep(BATCH_PAUSE).await;
+    }
+    if total > 0 {
+        tracing::info!(deleted = total, "retention: expired dedup records deleted");
+    }
+}
+
+/// Deletes up to `batch` records older than `window`, oldest first, and
+/// returns how many it deleted. Ages are measured by the database's clock,
+/// the one that stamped `processed_at`.
+pub async fn delete_expired(database: &Database, window: Duration, batch: u32) -> Result<u64, sqlx::Error> {
+    let seconds = window.as_secs_f64();
+    let deleted = match database {
+        Database::Postgres(pool) => sqlx::query(
+            "DELETE FROM exactly.processed_events WHERE (source, id) IN (
+                 SELECT source, id FROM exactly.processed_events
+                 WHERE processed_at < now() - make_interval(secs => $1)
+                 ORDER BY processed_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(seconds)
+        .bind(i64::from(batch))
+        .execute(pool)
+        .await?
+        .rows_affected(),
+        Database::Sqlite(pool) => sqlx::query(
+            "DELETE FROM exactly_processed_events WHERE (source, id) IN (
+                 SELECT source, id FROM exactly_processed_events
+                 WHERE processed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))
+                 ORDER BY processed_at LIMIT ?2)",
+        )
+        .bind(seconds)
+        .bind(i64::from(batch))
+        .execute(pool)
+        .await?
+        .rows_affected(),
+    };
+    Ok(deleted)
+}
+
+/// Age of the oldest record, `None` when there is none.
+pub async fn oldest_age(database: &Database) -> Result<Option<Duration>, sqlx::Error> {
+    let seconds: Option<f64> = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM now() - min(processed_at))::float8 FROM exactly.processed_events",
+            )
+            .fetch_one(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar(
+                "SELECT (julianday('now') - julianday(min(processed_at))) * 86400.0 FROM exactly_processed_events",
+            )
+            .fetch_one(pool)
+            .await?
+        }
+    };
+    Ok(seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse() {
+        assert_eq!(parse_window("7d"), Ok(Some(Duration::from_secs(7 * 86400))));
+        assert_eq!(parse_window("1s"), Ok(Some(Duration::from_secs(1))));
+        assert_eq!(parse_window("250ms"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(parse_window("off"), Ok(None));
+        assert_eq!(parse_window("0"), Ok(None));
+        assert_eq!(parse_window("0s"), Ok(None));
+        assert!(parse_window("soon").is_err());
+    }
+}
