@@ -194,6 +194,11 @@ async fn dead_letter_is_stored_once_and_listed_with_the_error_decoded(backend: B
         .await
         .assert_accepted();
     assert_eq!(stored_rows(&app, &event).await.len(), 2);
+    assert_eq!(
+        app.metrics().await.value("dead_letters_stored_total", &[]),
+        2.0,
+        "two dead letters stored; the redelivery is not counted"
+    );
 
     // The table, with the error decoded from base64.
     let table = stdout_of(&app.env().dlq(&["list"]).await, "exactly dlq list");
