@@ -17,7 +17,8 @@
 //!
 //! Layout: [`backend`] creates and inspects the test databases, [`event`]
 //! builds CloudEvents and their two HTTP encodings, [`app`] finds, starts and
-//! stops the binary, [`answer`] reads what it answered.
+//! stops the binary, [`answer`] reads what it answered, [`deploy`] reads
+//! the container build and the Kubernetes manifests under `deploy/`.
 //!
 //! The sandbox tests add the `hostile` handler, which attacks its sandbox,
 //! with a `[handler.limits]` table of their choice:
@@ -26,6 +27,7 @@
 pub mod answer;
 pub mod app;
 pub mod backend;
+pub mod deploy;
 pub mod event;
 pub mod harness;
 
