@@ -214,10 +214,9 @@ impl Container {
     async fn wait_ready(&self, client: &reqwest::Client, base: &str) {
         let started = Instant::now();
         loop {
-            if let Ok(response) = client.get(format!("{base}/readyz")).send().await {
-                if response.status() == 200 {
-                    return;
-                }
+            let answer = client.get(format!("{base}/readyz")).send().await;
+            if answer.is_ok_and(|response| response.status() == 200) {
+                return;
             }
             assert!(
                 self.running(),
