@@ -462,9 +462,21 @@ async fn serves_exactly_once_on_postgres(image: &Image, work: &Path, uid: &str) 
 
 /// With nothing configured: the image's SQLite default, in the folder the
 /// non-root user owns, on the default port published to the host.
+///
+/// `EXACTLY_FAULTS` would make a binary built with the test-only crash
+/// points (host feature `fault-points`) abort on the first event; the
+/// image's binary must not have them, so it must process the event.
 async fn serves_exactly_once_on_its_sqlite_default(image: &Image, uid: &str) {
     let port = free_port();
-    let container = Container::run(image, &["--publish", &format!("127.0.0.1:{port}:8080")]);
+    let container = Container::run(
+        image,
+        &[
+            "--publish",
+            &format!("127.0.0.1:{port}:8080"),
+            "--env",
+            "EXACTLY_FAULTS=after-claim=1.0",
+        ],
+    );
     let client = client();
     let base = format!("http://127.0.0.1:{port}");
     container.wait_ready(&client, &base).await;
