@@ -2,6 +2,12 @@
 
 use std::process::ExitCode;
 
+/// The static musl build (the container image) allocates with mimalloc:
+/// musl's malloc is slow under many threads. See host/Cargo.toml.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     exactly::cli::main()
 }

@@ -18,7 +18,8 @@
 //! Layout: [`backend`] creates and inspects the test databases, [`event`]
 //! builds CloudEvents and their two HTTP encodings, [`app`] finds, starts and
 //! stops the binary, [`answer`] reads what it answered, [`metrics`] parses
-//! what `/metrics` reports.
+//! what `/metrics` reports, [`deploy`] reads the container build and the
+//! Kubernetes manifests under `deploy/`.
 //!
 //! The sandbox tests add the `hostile` handler, which attacks its sandbox,
 //! with a `[handler.limits]` table of their choice:
@@ -27,6 +28,7 @@
 pub mod answer;
 pub mod app;
 pub mod backend;
+pub mod deploy;
 pub mod event;
 pub mod harness;
 pub mod metrics;
