@@ -489,6 +489,30 @@ async fn serves_exactly_once_on_its_sqlite_default(image: &Image, uid: &str) {
     let order = order_created(&format!("order-{}", uuid::Uuid::new_v4()));
     send_binary(&client, &base, &order).await.assert_processed();
     send_binary(&client, &base, &order).await.assert_replayed();
+
+    // deploy/build-image precompiled the handlers for the image's engine
+    // settings: a cold start loads them instead of compiling.
+    let scrape = exactly_e2e::metrics::Scrape::parse(
+        &client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("its body"),
+    );
+    for handler in ["order-created", "order-payment"] {
+        let precompiled = scrape.get(
+            "handler_load_duration_seconds",
+            &[("handler", handler), ("from", "precompiled")],
+        );
+        assert!(
+            precompiled.is_some(),
+            "{handler} was not loaded precompiled; the container's log:\n{}",
+            container.logs()
+        );
+    }
 }
 
 #[tokio::test]

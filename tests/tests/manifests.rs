@@ -19,13 +19,8 @@ use exactly_e2e::deploy::{
 use exactly_e2e::{Backend, TestApp};
 use serde_json::Value;
 
-/// Where the Triggers send dead-lettered events: exactly's dead-letter
-/// sink, agreed for issue 5 item 3.
-///
-/// TODO(issue 5, item 3): the dead-letter sink is not on main yet, so the
-/// path is asserted here, in one place, against the manifests only. When it
-/// lands, also start the binary and assert that `POST /dead-letter` is not
-/// answered 404 (the dispatcher would retry the dead letter, then drop it).
+/// Where the Triggers send dead-lettered events: exactly's dead-letter sink
+/// (`exactly::dlq::PATH`; the running binary is asked below).
 const DEAD_LETTER_PATH: &str = "/dead-letter";
 
 /// Knative sets these in every container itself and refuses a Service
@@ -376,6 +371,18 @@ async fn probe_paths_answer_200_on_the_real_binary() {
             "GET {path} on a ready exactly:\n{answer}"
         );
     }
+}
+
+/// The Triggers' dead-letter path is one the binary serves: a 404 there
+/// would make the dispatcher retry each dead letter and then drop it. An
+/// empty body is not a CloudEvent: 400, which only the served path answers.
+#[tokio::test]
+async fn the_dead_letter_path_is_served_by_the_real_binary() {
+    assert_eq!(DEAD_LETTER_PATH, exactly::dlq::PATH);
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.post_to(DEAD_LETTER_PATH, &[], Vec::new())
+        .await
+        .assert_error(400, "invalid-event");
 }
 
 #[test]
@@ -908,5 +915,27 @@ fn the_service_sizes_agree_with_each_other() {
             max_scale * connections + 10 <= max_connections,
             "{name}: {max_scale} pods x {connections} connections exceed max_connections {max_connections}"
         );
+    }
+}
+
+/// The image's handlers are precompiled (deploy/build-image) for the engine
+/// settings in the Containerfile's ENV; the Service must run with the same
+/// ones, or every pod would compile its handlers at start-up again.
+#[test]
+fn the_service_runs_with_the_engine_settings_the_image_was_precompiled_for() {
+    let image = Containerfile::load();
+    for name in ["EXACTLY_HANDLER_MEMORY_MIB", "EXACTLY_DB_MAX_CONNECTIONS"] {
+        let baked = image
+            .env
+            .get(name)
+            .unwrap_or_else(|| panic!("deploy/Containerfile sets no {name}"));
+        for (rendering, objects) in renderings() {
+            let container = exactly_container(&objects);
+            let value = env_value(container, name).unwrap_or(baked);
+            assert_eq!(
+                value, baked,
+                "{rendering}: {name} differs from the Containerfile's, so the precompiled handlers would not load"
+            );
+        }
     }
 }
