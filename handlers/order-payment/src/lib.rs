@@ -18,7 +18,8 @@
 //! Data: `{"order_id": "o-1", "payment_id": "p-1", "amount": 99.95}`, where
 //! `amount` (a JSON number or a decimal string) is optional.
 
-use exactly_guest::{Error, Event, Outcome, Tx, Value, log, params};
+use exactly_guest::{Error, Event, Outcome, Tx, log, params};
+use order_money::{Cents, amount as optional_amount};
 use serde_json::{Map, json};
 
 exactly_guest::export_handler!(handle);
@@ -196,89 +197,5 @@ fn required_text(fields: &Map<String, serde_json::Value>, name: &str) -> Result<
         Some(other) => Err(Error::permanent(format!(
             "field `{name}` must be a non-empty string, got {other}"
         ))),
-    }
-}
-
-fn optional_amount(
-    fields: &Map<String, serde_json::Value>,
-    name: &str,
-) -> Result<Option<Cents>, Error> {
-    let text = match fields.get(name) {
-        None | Some(serde_json::Value::Null) => return Ok(None),
-        Some(serde_json::Value::Number(number)) => number.to_string(),
-        Some(serde_json::Value::String(text)) => text.clone(),
-        Some(other) => {
-            return Err(Error::permanent(format!(
-                "field `{name}` must be a number or a decimal string, got {other}"
-            )));
-        }
-    };
-    Cents::parse(&text)
-        .map(Some)
-        .map_err(|problem| Error::permanent(format!("field `{name}`: {text:?} {problem}")))
-}
-
-/// A non-negative amount of money that fits `numeric(12,2)`, in hundredths,
-/// bound as an exact `numeric` so no digit is lost to floating point.
-/// (The same type as in `order-created`: each handler is a self-contained
-/// example.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Cents(i64);
-
-impl Cents {
-    /// `numeric(12,2)` has 10 digits before the point.
-    const MAX_WHOLE_DIGITS: usize = 10;
-
-    /// Parses `123`, `123.4`, `123.45` (and `123.450`: trailing zeros are
-    /// not precision). Returns what is wrong, to be prefixed with the value.
-    fn parse(text: &str) -> Result<Self, &'static str> {
-        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-        let fraction = fraction.trim_end_matches('0');
-        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("is not a non-negative decimal number");
-        }
-        if !fraction.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("is not a non-negative decimal number");
-        }
-        if fraction.len() > 2 {
-            return Err("has more than 2 decimal places");
-        }
-        let whole = whole.trim_start_matches('0');
-        if whole.len() > Self::MAX_WHOLE_DIGITS {
-            return Err("is too large (at most 10 digits before the decimal point)");
-        }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| "is not a number")?
-        };
-        let hundredths: i64 = format!("{fraction:0<2}")
-            .parse()
-            .map_err(|_| "is not a number")?;
-        Ok(Cents(whole * 100 + hundredths))
-    }
-
-    fn to_value(self) -> Value {
-        Value::numeric(self.to_string())
-    }
-}
-
-impl std::fmt::Display for Cents {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{:02}", self.0 / 100, self.0 % 100)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Cents;
-
-    #[test]
-    fn amounts_parse_to_exact_cents() {
-        assert_eq!(Cents::parse("99.95"), Ok(Cents(9995)));
-        assert_eq!(Cents::parse("100"), Ok(Cents(10000)));
-        assert!(Cents::parse("99.955").is_err());
-        assert!(Cents::parse("-5").is_err());
-        assert_eq!(Cents(1230).to_string(), "12.30");
     }
 }
