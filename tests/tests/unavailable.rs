@@ -298,17 +298,24 @@ async fn shutting_down_refuses_new_events(backend: Backend) {
 async fn grace_period_bounds_the_shutdown(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let url = env.database_url().to_owned();
-    let mut host = Host::start(&env, &url, &["--shutdown-grace", "1s"]).await;
+    let mut host = Host::start(&env, &url, &["--shutdown-grace", "2s"]).await;
     let db = env.connect().await;
 
-    let short = Event::new("test.sleep").with_data(json!({"ms": 300}));
+    // The short event starts first. On SQLite (one writer) the long one
+    // waits for it and then runs; on PostgreSQL both run at once. SIGTERM
+    // comes while the short one runs; it ends well inside the grace period,
+    // the long one does not.
+    let short = Event::new("test.sleep").with_data(json!({"ms": 800}));
     let long = Event::new("test.sleep").with_data(json!({"ms": 20000}));
     let pid = host.child.id().expect("the host runs");
     let (short_answer, long_answer, signalled) = tokio::join!(
         host.send(&short),
-        async { host.try_send(&long).await.map(|answer| answer.status) },
         async {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            host.try_send(&long).await.map(|answer| answer.status)
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(250)).await;
             let killed = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status()
@@ -325,7 +332,7 @@ async fn grace_period_bounds_the_shutdown(backend: Backend) {
     assert!(status.success(), "exit status {status}:\n{}", host.log());
     assert!(
         took < Duration::from_secs(10),
-        "exited after {took:?}, not after the 1 s grace period"
+        "exited after {took:?}, not after the 2 s grace period"
     );
     short_answer.assert_processed();
     assert!(
