@@ -20,6 +20,29 @@ both_backends!(
     without_an_endpoint_the_reply_passes_the_trace_on
 );
 
+/// A collector that is down costs the spans, never an event: the events
+/// are answered as usual, the failed export is logged, and the host still
+/// exits cleanly.
+#[tokio::test]
+async fn a_collector_that_is_down_costs_spans_not_events() {
+    // A port that was free a moment ago: nothing listens there.
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let mut app = TestEnv::new(Backend::Sqlite)
+        .await
+        .serve_with_env(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &closed)])
+        .await;
+    let (event, headers) = traced_emit();
+    app.post(&headers, event.data_bytes()).await.assert_status(200);
+    app.send_binary(&Event::new("test.count")).await.assert_processed();
+    let status = app.terminate().await;
+    assert!(status.success(), "exit {status:?}; stderr:\n{}", app.stderr_tail());
+    let logs = app.logs();
+    assert!(logs.contains("ExportError"), "the failed export is not logged:\n{logs}");
+}
+
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
