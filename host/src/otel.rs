@@ -39,8 +39,9 @@ pub const DEFAULT_SERVICE_NAME: &str = "exactly";
 /// Whether spans are exported (the layer is installed).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
-/// The endpoint variables that turn export on, general first.
-const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"];
+/// The endpoint variables that turn export on; the traces one wins, as in
+/// the exporter.
+const ENDPOINT_VARS: [&str; 2] = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
 
 /// The collector's endpoint when export is asked for: the first of
 /// [`ENDPOINT_VARS`] that is set and not empty.
