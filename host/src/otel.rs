@@ -17,11 +17,14 @@
 //! trace; [`reply_trace`] is the trace context a reply event carries on.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
@@ -69,7 +72,8 @@ pub fn exporter(runtime: tokio::runtime::Handle) -> anyhow::Result<SdkTracerProv
         .find_map(|name| std::env::var(name).ok()?.trim().parse().ok())
         .map_or(Duration::from_secs(10), Duration::from_millis);
     let client = RuntimeClient {
-        inner: Arc::new(opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None)),
+        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        timeout,
         runtime,
     };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -90,19 +94,41 @@ pub fn exporter(runtime: tokio::runtime::Handle) -> anyhow::Result<SdkTracerProv
     Ok(provider)
 }
 
-/// hyper's client, its requests spawned on the async runtime: the batch
-/// processor calls it from its own thread, where no reactor runs.
-#[derive(Debug)]
+/// hyper's HTTP/1 client, its requests spawned on the async runtime: the
+/// batch processor calls it from its own thread, where no reactor runs.
 struct RuntimeClient {
-    inner: Arc<opentelemetry_http::hyper::HyperClient>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
     runtime: tokio::runtime::Handle,
 }
+
+impl std::fmt::Debug for RuntimeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeClient").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+/// The most of a collector's answer that is read.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 #[async_trait::async_trait]
 impl HttpClient for RuntimeClient {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let inner = self.inner.clone();
-        self.runtime.spawn(async move { inner.send_bytes(request).await }).await?
+        let (client, timeout) = (self.client.clone(), self.timeout);
+        let send = async move {
+            let (parts, body) = request.into_parts();
+            let response = client.request(Request::from_parts(parts, Full::new(body))).await?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES).collect().await?.to_bytes();
+            Ok::<_, HttpError>(Response::from_parts(parts, body))
+        };
+        self.runtime
+            .spawn(async move {
+                tokio::time::timeout(timeout, send)
+                    .await
+                    .map_err(|_| HttpError::from(format!("no answer from the collector within {timeout:?}")))?
+            })
+            .await?
     }
 }
 
