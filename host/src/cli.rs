@@ -206,14 +206,15 @@ impl DatabaseArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
+            init_logging(cli.log_format, None);
             tracing::error!(%error, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
+    let traces = init_logging(cli.log_format, Some(runtime.handle()));
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
@@ -222,6 +223,13 @@ pub fn main() -> ExitCode {
             Command::Compile(args) => compile(args),
         }
     });
+    // Export the spans still batched, while the runtime that sends them
+    // is alive.
+    if let Some(provider) = traces
+        && let Err(error) = provider.shutdown()
+    {
+        eprintln!("warning: OpenTelemetry: the last spans may not have been exported: {error}");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -366,9 +374,18 @@ async fn open_database(
     Ok((database, roles))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, and when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (and a
+/// runtime is there to send them), exports the spans as well: the provider
+/// returned is to be shut down at the end, which flushes the last batch.
+fn init_logging(
+    format: LogFormat,
+    runtime: Option<&tokio::runtime::Handle>,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("EXACTLY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -377,12 +394,32 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let mut export_error = None;
+    let provider = match (crate::otel::configured_endpoint(), runtime) {
+        (Some(_), Some(runtime)) => match crate::otel::exporter(runtime.clone()) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                export_error = Some(error);
+                None
+            }
+        },
+        _ => None,
+    };
+    let traces = provider
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("exactly")));
+    let registry = tracing_subscriber::registry().with(filter).with(traces);
     if json {
-        builder.json().flatten_event(true).init();
+        registry
+            .with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+            .init();
     } else {
-        builder.init();
+        registry.with(fmt::layer().with_writer(std::io::stderr)).init();
     }
+    if let Some(error) = export_error {
+        tracing::warn!(error = format!("{error:#}"), "OpenTelemetry export is off: its exporter cannot be built");
+    } else if let Some(endpoint) = provider.as_ref().and(crate::otel::configured_endpoint()) {
+        tracing::info!(%endpoint, "exporting spans over OTLP/HTTP");
+    }
+    provider
 }

@@ -8,8 +8,9 @@
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
 //! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
-//! `/metrics` reports, [`retention`] the sweeper that expires dedup records;
-//! [`fault`] holds the test-only crash points. Dead-lettered events take a
+//! `/metrics` reports, [`otel`] the OpenTelemetry export and trace
+//! context, [`retention`] the sweeper that expires dedup records; [`fault`]
+//! holds the test-only crash points. Dead-lettered events take a
 //! path of their own, [`dlq`]: stored, listed and replayed, never run.
 
 pub mod answer;
@@ -20,6 +21,7 @@ pub mod dlq;
 pub mod fault;
 pub mod manifest;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod policy;
 pub mod retention;

@@ -153,6 +153,17 @@ fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent)
             return Err(format!("reply extension name {name:?} is not a valid CloudEvents extension name"));
         }
     }
+    // The reply continues the event's trace, unless the handler set a
+    // `traceparent` of its own (then its `tracestate` stays its own too).
+    let mut extensions = reply.extensions;
+    if !extensions.iter().any(|(name, _)| name == "traceparent") {
+        let handler_state = extensions.iter().any(|(name, _)| name == "tracestate");
+        extensions.extend(
+            crate::otel::reply_trace(event)
+                .into_iter()
+                .filter(|(name, _)| !(handler_state && name == "tracestate")),
+        );
+    }
     Ok(ReplyEvent {
         id: reply_id(&event.source, &event.id).to_string(),
         source: reply.source.unwrap_or_else(|| format!("/exactly/{}", handler.name)),
@@ -160,7 +171,7 @@ fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent)
         subject: reply.subject,
         time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         datacontenttype: reply.datacontenttype.unwrap_or_else(|| "application/json".into()),
-        extensions: reply.extensions,
+        extensions,
         data: reply.data,
     })
 }

@@ -12,7 +12,8 @@
 //! source, id, type, handler and outcome (and the trace id of its W3C
 //! `traceparent` extension, when it has a valid one), so every log line
 //! about the event (the handler's own lines and stdout included) carries
-//! them.
+//! them. When spans are exported ([`crate::otel`]), that `traceparent` is
+//! the span's parent.
 //!
 //! On SIGTERM or SIGINT: stop accepting, answer 503 to new events, let
 //! in-flight events finish within the grace period, exit.
@@ -41,6 +42,7 @@ use crate::answer::{Body, Rejection};
 use crate::decode::{CloudEvent, decode};
 use crate::dlq;
 use crate::metrics::{self, Metrics, Outcome};
+use crate::otel;
 use crate::pipeline::Pipeline;
 
 pub struct ServerConfig {
@@ -265,10 +267,11 @@ impl App {
             .extensions
             .iter()
             .find(|(name, _)| name == "traceparent")
-            .and_then(|(_, value)| trace_id(value))
+            .and_then(|(_, value)| otel::trace_id(value))
         {
             span.record("trace_id", trace_id);
         }
+        otel::set_parent(&span, &event);
         let task = tokio::spawn(
             async move {
                 let in_flight = app.metrics.in_flight();
@@ -417,23 +420,6 @@ impl App {
     }
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
-/// if it is well-formed and not all zeros.
-fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.split('-');
-    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let valid = hex(version, 2)
-        && version != "ff"
-        && (parts.next().is_none() || version != "00")
-        && hex(trace_id, 32)
-        && trace_id.bytes().any(|b| b != b'0')
-        && hex(parent_id, 16)
-        && parent_id.bytes().any(|b| b != b'0')
-        && hex(flags, 2);
-    valid.then_some(trace_id)
-}
-
 enum BodyError {
     TooLarge,
     Read(hyper::Error),
@@ -510,21 +496,4 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::trace_id;
-
-    #[test]
-    fn trace_ids_come_from_valid_traceparents_only() {
-        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
-        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
-        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01-extra")), None);
-        assert_eq!(trace_id(&format!("01-{id}-00f067aa0ba902b7-01-extra")), Some(id));
-        assert_eq!(trace_id(&format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32))), None);
-        assert_eq!(trace_id(&format!("00-{id}-0000000000000000-01")), None);
-        assert_eq!(trace_id(&format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase())), None);
-        assert_eq!(trace_id("garbage"), None);
-    }
 }

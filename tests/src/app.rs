@@ -344,12 +344,15 @@ impl TestEnv {
     }
 
     /// The `exactly` command with the environment a test wants: no
-    /// `DATABASE_URL` or `PORT` inherited (the flags say everything).
+    /// `DATABASE_URL` or `PORT` inherited (the flags say everything), and no
+    /// OpenTelemetry export unless the test asks for it.
     fn exactly(&self) -> Command {
         let mut command = Command::new(exactly_binary());
         command
             .env_remove("DATABASE_URL")
             .env_remove("PORT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env("NO_COLOR", "1")
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
@@ -409,9 +412,15 @@ impl TestEnv {
 
     /// [`TestEnv::serve`] with extra flags for `exactly serve`.
     pub async fn serve_with_flags(self, flags: &[&str]) -> TestApp {
+        self.serve_with_env(flags, &[]).await
+    }
+
+    /// [`TestEnv::serve_with_flags`] with extra environment variables.
+    pub async fn serve_with_env(self, flags: &[&str], env: &[(&str, &str)]) -> TestApp {
         let stderr_path = self.dir.path().join("exactly.stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create the stderr log");
         let mut command = self.exactly();
+        command.envs(env.iter().copied());
         command
             .arg("serve")
             .arg("--listen")
@@ -637,6 +646,21 @@ impl TestApp {
     /// The last lines the host logged.
     pub fn stderr_tail(&self) -> String {
         tail(&self.stderr_path, 80)
+    }
+
+    /// Stops the host as Kubernetes does, with SIGTERM, and waits (up to a
+    /// minute) until it exits; returns its exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the host is still running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(REQUEST_TIMEOUT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the host did not exit within a minute of SIGTERM; its stderr:\n{}", self.stderr_tail()))
+            .expect("wait for the host")
     }
 
     /// Everything the host logged so far.
