@@ -396,6 +396,12 @@ pub fn engine(manifest: &Manifest, defaults: &Limits) -> anyhow::Result<Engine> 
     Ok(Engine::new(&engine_config(defaults, &resolved))?)
 }
 
+/// Bytes of each freed linear memory and table zeroed in place rather than
+/// returned to the kernel, and how many decommits go to the kernel at once.
+const KEEP_RESIDENT_MEMORY: usize = 128 << 10;
+const KEEP_RESIDENT_TABLE: usize = 64 << 10;
+const DECOMMIT_BATCH: usize = 16;
+
 /// The engine: epoch interruption for deadlines, fuel when some handler asks
 /// for it, and a pooling instance allocator so a fresh instance per event
 /// costs a few microseconds (its memory slots are reserved once and reused).
@@ -416,7 +422,16 @@ fn engine_config(defaults: &Limits, handlers: &[(&HandlerSpec, HandlerLimits)]) 
         .total_memories(slots.saturating_mul(2))
         .total_tables(slots.saturating_mul(8))
         .total_stacks(slots)
-        .max_memory_size(usize::try_from(largest_memory).unwrap_or(usize::MAX));
+        .max_memory_size(usize::try_from(largest_memory).unwrap_or(usize::MAX))
+        // Every event frees an instance. Resetting its memory with madvise
+        // costs a TLB shootdown across the process's threads each time (the
+        // profile's largest kernel item under load). Zero the first 128 KiB
+        // with memset instead and decommit the rest in batches: measured
+        // with bench/run, 22% less CPU per event than madvise alone (a
+        // whole MiB of memset cost more than it saved).
+        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .decommit_batch_size(DECOMMIT_BATCH);
     let mut config = Config::new();
     config
         .wasm_component_model(true)
