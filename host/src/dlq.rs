@@ -78,41 +78,50 @@ pub async fn store(database: &Database, event: &CloudEvent) -> Result<Stored, Re
         .collect();
     let extensions = serde_json::Value::Object(extensions).to_string();
     let dedup_key = dedup_key(event, dest.as_deref());
+    // One statement for both backends but for the SQL text: insert, or
+    // count a redelivery of a dead letter not yet replayed.
+    macro_rules! insert {
+        ($tx:expr, $sql:expr) => {{
+            let row = sqlx::query($sql)
+                .bind(&event.source)
+                .bind(&event.id)
+                .bind(&event.ty)
+                .bind(&event.subject)
+                .bind(&event.time)
+                .bind(&event.datacontenttype)
+                .bind(&event.dataschema)
+                .bind(&extensions)
+                .bind(&event.data)
+                .bind(&code)
+                .bind(&data)
+                .bind(&dest)
+                .bind(&dedup_key[..])
+                .fetch_one(&mut *$tx)
+                .await
+                .map_err(unavailable)?;
+            let stored = (row.try_get::<i64, _>(0).map_err(unavailable)?, row.try_get::<i64, _>(1).map_err(unavailable)?);
+            $tx.commit().await.map_err(unavailable)?;
+            stored
+        }};
+    }
     let stored = match database {
         Database::Postgres(pool) => {
             let mut tx = pool.begin().await.map_err(unavailable)?;
-            let row = sqlx::query(
+            insert!(
+                tx,
                 "INSERT INTO exactly.dead_letters
                      (source, id, type, subject, time, datacontenttype, dataschema, extensions, data,
                       error_code, error_data, error_dest, dedup_key)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13)
                  ON CONFLICT (dedup_key) WHERE replayed_at IS NULL DO UPDATE
                      SET deliveries = exactly.dead_letters.deliveries + 1, last_received_at = now()
-                 RETURNING dead_letter_id, deliveries::bigint AS deliveries",
+                 RETURNING dead_letter_id, deliveries::bigint AS deliveries"
             )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(&event.ty)
-            .bind(&event.subject)
-            .bind(&event.time)
-            .bind(&event.datacontenttype)
-            .bind(&event.dataschema)
-            .bind(&extensions)
-            .bind(&event.data)
-            .bind(&code)
-            .bind(&data)
-            .bind(&dest)
-            .bind(&dedup_key[..])
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            let stored = (row.try_get::<i64, _>(0).map_err(unavailable)?, row.try_get::<i64, _>(1).map_err(unavailable)?);
-            tx.commit().await.map_err(unavailable)?;
-            stored
         }
         Database::Sqlite(pool) => {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-            let row = sqlx::query(
+            insert!(
+                tx,
                 "INSERT INTO exactly_dead_letters
                      (source, id, type, subject, time, datacontenttype, dataschema, extensions, data,
                       error_code, error_data, error_dest, dedup_key)
@@ -120,27 +129,8 @@ pub async fn store(database: &Database, event: &CloudEvent) -> Result<Stored, Re
                  ON CONFLICT (dedup_key) WHERE replayed_at IS NULL DO UPDATE
                      SET deliveries = deliveries + 1,
                          last_received_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-                 RETURNING dead_letter_id, deliveries",
+                 RETURNING dead_letter_id, deliveries"
             )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(&event.ty)
-            .bind(&event.subject)
-            .bind(&event.time)
-            .bind(&event.datacontenttype)
-            .bind(&event.dataschema)
-            .bind(&extensions)
-            .bind(&event.data)
-            .bind(&code)
-            .bind(&data)
-            .bind(&dest)
-            .bind(&dedup_key[..])
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            let stored = (row.try_get::<i64, _>(0).map_err(unavailable)?, row.try_get::<i64, _>(1).map_err(unavailable)?);
-            tx.commit().await.map_err(unavailable)?;
-            stored
         }
     };
     let (dead_letter_id, deliveries) = stored;

@@ -389,18 +389,25 @@ impl Proxy {
     }
 }
 
+/// The test database's URL, and the `host:port` of its server (for a
+/// [`Proxy`] to stand in front of).
+fn url_and_server(env: &TestEnv) -> (reqwest::Url, String) {
+    let url = reqwest::Url::parse(env.database_url()).expect("a URL");
+    let server = format!(
+        "{}:{}",
+        url.host_str().expect("a host"),
+        url.port().unwrap_or(5432)
+    );
+    (url, server)
+}
+
 /// PostgreSQL goes away: events get 503 `database-unavailable` (and
 /// `/readyz` 503) instead of hanging or failing for good; once it is back,
 /// the same event is processed.
 async fn database_unavailable_is_answered_503() {
     let backend = Backend::Postgres;
     let env = TestEnv::new(backend).await;
-    let mut url = reqwest::Url::parse(env.database_url()).expect("a URL");
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().expect("a host"),
-        url.port().unwrap_or(5432)
-    );
+    let (mut url, upstream) = url_and_server(&env);
     let proxy = Proxy::start(0, &upstream).await;
     url.set_port(Some(proxy.port)).expect("set the port");
     let host = Host::start(&env, url.as_str(), &[]).await;
@@ -432,12 +439,7 @@ async fn database_unavailable_is_answered_503() {
 async fn start_up_waits_for_the_database() {
     let backend = Backend::Postgres;
     let env = TestEnv::new(backend).await;
-    let mut url = reqwest::Url::parse(env.database_url()).expect("a URL");
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().expect("a host"),
-        url.port().unwrap_or(5432)
-    );
+    let (mut url, upstream) = url_and_server(&env);
     // A port nothing listens on yet: the proxy opens it later.
     let port = {
         let probe = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
