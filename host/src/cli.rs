@@ -21,7 +21,7 @@ use crate::retention::{self, Retention};
 use crate::runtime::{Limits, Runtime, precompile};
 use crate::server::{self, ServerConfig, Startup};
 use crate::policy::Policy;
-use crate::storage::{self, Backend, Database, DbOptions, handler_tables};
+use crate::storage::{self, Backend, Database, DbOptions, Sessions};
 
 #[derive(Parser, Debug)]
 #[command(name = "exactly", version, about = "Exactly-once CloudEvent sink running sandboxed WebAssembly handlers")]
@@ -98,8 +98,10 @@ pub(crate) struct DatabaseArgs {
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
     database_url: String,
 
-    /// Maximum database connections in the pool (PostgreSQL; SQLite uses one
-    /// writer connection).
+    /// PostgreSQL: the most connections EACH handler's own pool opens (its
+    /// events run as its own role), and the most the host's own pool opens
+    /// (dead letters, retention). A handler that holds all of its
+    /// connections cannot take another's. SQLite uses one writer connection.
     #[arg(long, env = "EXACTLY_DB_MAX_CONNECTIONS", default_value_t = 16)]
     db_max_connections: u32,
 
@@ -294,21 +296,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.max_body_bytes,
     )?;
     let metrics = Arc::new(Metrics::new(&manifest));
-    let backend = Backend::from_url(&args.common.database.database_url)?;
-    let mut policies = HashMap::new();
-    for handler in &manifest.handlers {
-        let tables = handler_tables(handler, backend)?;
-        policies.insert(handler.name.clone(), Arc::new(Policy::new(backend, tables)));
-    }
+    Backend::from_url(&args.common.database.database_url)?;
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
-    let runtime = Runtime::new(&manifest, limits, &policies, args.precompiled_dir.as_deref(), &metrics)?;
+    let runtime = Runtime::new(&manifest, limits, args.precompiled_dir.as_deref(), &metrics)?;
     let retention = Retention { window: args.retention.0, interval: args.retention_interval, batch: args.retention_batch };
     // Once the database is there: the sweeper, and the pipeline.
     let pipeline_metrics = metrics.clone();
-    let start = move |database: Database, roles, runtime| {
-        retention::spawn(database.clone(), retention, pipeline_metrics.clone());
-        Pipeline::new(database, runtime, roles, pipeline_metrics)
+    let start = move |opened: Opened, runtime| {
+        retention::spawn(opened.database.clone(), retention, pipeline_metrics.clone());
+        Pipeline::new(opened.database, opened.sessions, runtime, opened.policies, pipeline_metrics)
     };
     let listen = args
         .listen
@@ -316,7 +313,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = args.common.db_options();
     let migrate = !args.no_migrate;
     let startup = match open_database(&options, &manifest, migrate).await {
-        Ok((database, roles)) => Startup::Ready(start(database, roles, runtime)),
+        Ok(opened) => Startup::Ready(start(opened, runtime)),
         Err(error) if storage::is_transient(&error) => {
             tracing::warn!(
                 error = format!("{error:#}"),
@@ -327,9 +324,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 loop {
                     tokio::time::sleep(delay).await;
                     match open_database(&options, &manifest, migrate).await {
-                        Ok((database, roles)) => {
+                        Ok(opened) => {
                             tracing::info!("the database is reachable: ready");
-                            return Ok(start(database, roles, runtime));
+                            return Ok(start(opened, runtime));
                         }
                         Err(error) if storage::is_transient(&error) => {
                             delay = (delay * 2).min(DB_RETRY_MAX);
@@ -358,20 +355,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 const DB_RETRY_FIRST: Duration = Duration::from_millis(250);
 const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Connects, applies the migrations (unless told not to) and reads the
-/// handlers' PostgreSQL roles: everything `serve` needs from the database
-/// before it can take events.
-async fn open_database(
-    options: &DbOptions,
-    manifest: &Manifest,
-    migrate: bool,
-) -> anyhow::Result<(Database, HashMap<String, String>)> {
+/// What `serve` needs from the database before it can take events.
+struct Opened {
+    database: Database,
+    sessions: Sessions,
+    policies: HashMap<String, Arc<Policy>>,
+}
+
+/// Connects, applies the migrations (unless told not to), reads each
+/// handler's tables from the database and opens each handler's sessions.
+async fn open_database(options: &DbOptions, manifest: &Manifest, migrate: bool) -> anyhow::Result<Opened> {
     let database = Database::connect(options).await?;
     if migrate {
         database.migrate(manifest).await?;
     }
-    let roles = database.handler_roles(manifest).await?;
-    Ok((database, roles))
+    let backend = database.backend();
+    let tables = database.handler_tables(manifest).await?;
+    let mut policies = HashMap::new();
+    let mut statement_timeouts = HashMap::new();
+    for handler in &manifest.handlers {
+        let own = tables.get(&handler.name).cloned().unwrap_or_default();
+        policies.insert(handler.name.clone(), Arc::new(Policy::new(backend, own)));
+        if let Some(timeout) = handler.limits.statement_timeout {
+            statement_timeouts.insert(handler.name.clone(), timeout);
+        }
+    }
+    let sessions = database.sessions(manifest, options, &statement_timeouts).await?;
+    Ok(Opened { database, sessions, policies })
 }
 
 /// Logs to stderr, and when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (and a

@@ -26,16 +26,20 @@ use crate::fault::{self, Point};
 use crate::metrics::{EventTimings, Metrics};
 use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
 use crate::runtime::{LoadedHandler, Runtime};
-use crate::storage::{Claim, Database};
+use crate::policy::Policy;
+use crate::storage::{Claim, Database, Sessions};
 
 /// Namespace of reply ids: `uuid5(REPLY_NAMESPACE, source + "\n" + id)`.
 const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_0a6e_2b7c_4c1e_9a43_e8a7_c7d3_b001);
 
 pub struct Pipeline {
+    /// The host's own connection(s): dead letters, readiness.
     pub database: Database,
+    /// Each handler's sessions, where its events' transactions run.
+    sessions: Sessions,
     runtime: Runtime,
-    /// PostgreSQL role of each handler (empty on SQLite).
-    roles: HashMap<String, String>,
+    /// Each handler's SQL policy (the first filter), by handler name.
+    policies: HashMap<String, Arc<Policy>>,
     metrics: Arc<Metrics>,
 }
 
@@ -47,8 +51,14 @@ pub struct Processed {
 }
 
 impl Pipeline {
-    pub fn new(database: Database, runtime: Runtime, roles: HashMap<String, String>, metrics: Arc<Metrics>) -> Self {
-        Pipeline { database, runtime, roles, metrics }
+    pub fn new(
+        database: Database,
+        sessions: Sessions,
+        runtime: Runtime,
+        policies: HashMap<String, Arc<Policy>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Pipeline { database, sessions, runtime, policies, metrics }
     }
 
     pub async fn process(&self, event: &CloudEvent) -> Result<Processed, Rejection> {
@@ -75,9 +85,13 @@ impl Pipeline {
         }
         let payload_sha256 = event.payload_sha256();
         let started = Instant::now();
-        let mut tx = self.database.begin().await?;
-        let role = self.roles.get(&handler.name).map(String::as_str);
-        let claimed = tx.claim(event, &handler.name, &payload_sha256, role, handler.limits.statement_timeout).await;
+        let policy = self
+            .policies
+            .get(&handler.name)
+            .cloned()
+            .ok_or_else(|| Rejection::Internal(format!("no SQL policy for handler {}", handler.name)))?;
+        let mut tx = self.sessions.begin(&handler.name).await?;
+        let claimed = tx.claim(event, &handler.name, &payload_sha256).await;
         match claimed {
             Ok(Claim::Owned) => fault::hit(Point::AfterClaim),
             Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
@@ -97,7 +111,7 @@ impl Pipeline {
         timings.database += started.elapsed();
 
         let started = Instant::now();
-        let (tx, verdict, statements_time) = self.runtime.run(handler, event, tx).await;
+        let (tx, verdict, statements_time) = self.runtime.run(handler, policy, event, tx).await;
         timings.handler = Some(started.elapsed());
         timings.database += statements_time;
         let Some(mut tx) = tx else {

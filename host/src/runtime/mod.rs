@@ -107,7 +107,6 @@ pub struct Runtime {
 pub struct LoadedHandler {
     pub name: String,
     pub limits: HandlerLimits,
-    pub policy: Arc<Policy>,
     pre: HandlerPre<EventState>,
 }
 
@@ -180,7 +179,6 @@ impl Runtime {
     pub fn new(
         manifest: &Manifest,
         defaults: Limits,
-        policies: &HashMap<String, Arc<Policy>>,
         precompiled_dir: Option<&std::path::Path>,
         metrics: &Metrics,
     ) -> anyhow::Result<Runtime> {
@@ -211,14 +209,9 @@ impl Runtime {
             metrics.handler_loaded(&spec.name, from, took);
             tracing::info!(handler = %spec.name, types = ?spec.types, from = from.label(),
                 micros = took.as_micros() as u64, "handler loaded");
-            let policy = policies
-                .get(&spec.name)
-                .cloned()
-                .with_context(|| format!("no SQL policy for handler {}", spec.name))?;
             let loaded = Arc::new(LoadedHandler {
                 name: spec.name.clone(),
                 limits,
-                policy,
                 pre,
             });
             for ty in &spec.types {
@@ -245,6 +238,7 @@ impl Runtime {
     pub async fn run(
         &self,
         handler: &LoadedHandler,
+        policy: Arc<Policy>,
         event: &CloudEvent,
         mut tx: EventTx,
     ) -> (Option<EventTx>, Result<types::Outcome, Rejection>, Duration) {
@@ -265,7 +259,7 @@ impl Runtime {
             .build();
         let state = EventState {
             tx: Some(tx),
-            policy: handler.policy.clone(),
+            policy,
             handler: Arc::from(handler.name.as_str()),
             event_source: event.source.clone(),
             event_id: event.id.clone(),
@@ -406,7 +400,11 @@ const DECOMMIT_BATCH: usize = 16;
 /// for it, and a pooling instance allocator so a fresh instance per event
 /// costs a few microseconds (its memory slots are reserved once and reused).
 fn engine_config(defaults: &Limits, handlers: &[(&HandlerSpec, HandlerLimits)]) -> Config {
-    let slots = defaults.concurrent_runs.saturating_add(4);
+    // Each handler has sessions of its own (`--db-max-connections` on
+    // PostgreSQL), so each may run that many events at once: slots for all
+    // of them, so that no handler's runs can take another's instances.
+    let handler_count = u32::try_from(handlers.len().max(1)).unwrap_or(u32::MAX);
+    let slots = defaults.concurrent_runs.saturating_mul(handler_count).saturating_add(4);
     let largest_memory = handlers
         .iter()
         .map(|(_, limits)| limits.memory_bytes)

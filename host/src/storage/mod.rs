@@ -22,7 +22,9 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction
 use crate::answer::{Committed, LimitKind, Rejection, ReplyEvent};
 use crate::convert::{self, Rows, StatementError, StatementOutput, Value};
 use crate::decode::CloudEvent;
-use crate::manifest::{HandlerSpec, Manifest};
+use crate::manifest::Manifest;
+
+pub mod postgres;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -63,10 +65,59 @@ pub enum Database {
     Sqlite(SqlitePool),
 }
 
-/// One event's open transaction.
+/// Where events' transactions come from: each handler's own sessions.
+pub enum Sessions {
+    /// One pool per handler, logged in as its role.
+    Postgres(postgres::HandlerPools),
+    /// SQLite's one writer connection. Each handler takes its turn: at
+    /// most one of its events waits for or holds the writer at a time, so
+    /// a handler whose events hold the writer until their deadline delays
+    /// another handler's event by at most one of its own, never by its
+    /// whole backlog.
+    Sqlite { pool: SqlitePool, turns: HashMap<String, Arc<tokio::sync::Semaphore>> },
+}
+
+impl Sessions {
+    /// Opens an event's transaction on `handler`'s sessions. SQLite takes
+    /// the write lock at once (`BEGIN IMMEDIATE`) so the claim never fails
+    /// half-way on a lock upgrade.
+    pub async fn begin(&self, handler: &str) -> Result<EventTx, Rejection> {
+        match self {
+            Sessions::Postgres(pools) => {
+                let pool = pools
+                    .pools
+                    .get(handler)
+                    .ok_or_else(|| Rejection::Internal(format!("no database sessions for handler {handler}")))?;
+                let tx = pool.begin().await.map_err(classify)?;
+                Ok(EventTx::Postgres(tx, pools.key.clone()))
+            }
+            Sessions::Sqlite { pool, turns } => {
+                let turn = match turns.get(handler) {
+                    Some(turn) => Some(
+                        tokio::time::timeout(ACQUIRE_TIMEOUT, turn.clone().acquire_owned())
+                            .await
+                            .map_err(|_| {
+                                Rejection::Busy(format!(
+                                    "handler {handler}'s earlier events held the SQLite writer for {ACQUIRE_TIMEOUT:?}"
+                                ))
+                            })?
+                            .map_err(|_| Rejection::ShuttingDown)?,
+                    ),
+                    None => None,
+                };
+                let tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+                Ok(EventTx::Sqlite(tx, turn))
+            }
+        }
+    }
+}
+
+/// One event's open transaction: on PostgreSQL on the handler's own
+/// session, with the key that proves its claim to the bookkeeping
+/// functions; on SQLite with the handler's turn at the writer.
 pub enum EventTx {
-    Postgres(Transaction<'static, Postgres>),
-    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>, Arc<postgres::ProofKey>),
+    Sqlite(Transaction<'static, Sqlite>, Option<tokio::sync::OwnedSemaphorePermit>),
 }
 
 /// The outcome of claiming `(source, id)`.
@@ -80,18 +131,13 @@ pub enum Claim {
 /// Owner name under which the host's own migrations are recorded; handler
 /// names start with a letter, so they cannot collide with it.
 const HOST_OWNER: &str = "(host)";
-/// Serializes concurrent `migrate` runs (several replicas starting at once).
-const MIGRATION_LOCK: i64 = 0x6578_6163_746c_7901;
 /// How long an event waits for a pooled connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-static HOST_MIGRATIONS_PG: &[(&str, &str)] = &[
-    ("0001_processed_events.sql", include_str!("../migrations/postgres/0001_processed_events.sql")),
-    ("0002_dead_letters.sql", include_str!("../migrations/postgres/0002_dead_letters.sql")),
-];
 static HOST_MIGRATIONS_SQLITE: &[(&str, &str)] = &[
-    ("0001_processed_events.sql", include_str!("../migrations/sqlite/0001_processed_events.sql")),
-    ("0002_dead_letters.sql", include_str!("../migrations/sqlite/0002_dead_letters.sql")),
+    ("0001_processed_events.sql", include_str!("../../migrations/sqlite/0001_processed_events.sql")),
+    ("0002_dead_letters.sql", include_str!("../../migrations/sqlite/0002_dead_letters.sql")),
+    ("0003_table_owners.sql", include_str!("../../migrations/sqlite/0003_table_owners.sql")),
 ];
 
 impl Database {
@@ -143,32 +189,29 @@ impl Database {
         }
     }
 
-    /// Opens an event's transaction. SQLite takes the write lock at once
-    /// (`BEGIN IMMEDIATE`) so the claim never fails half-way on a lock
-    /// upgrade.
-    pub async fn begin(&self) -> Result<EventTx, Rejection> {
+    /// The handlers' sessions: on PostgreSQL one pool per handler, logged
+    /// in as the handler's own role ([`postgres`]); on SQLite the one
+    /// writer, shared in turns ([`Sessions::begin`]).
+    pub async fn sessions(
+        &self,
+        manifest: &Manifest,
+        options: &DbOptions,
+        statement_timeouts: &HashMap<String, Duration>,
+    ) -> anyhow::Result<Sessions> {
         match self {
-            Database::Postgres(pool) => pool.begin().await.map(EventTx::Postgres),
-            Database::Sqlite(pool) => pool.begin_with("BEGIN IMMEDIATE").await.map(EventTx::Sqlite),
+            Database::Postgres(pool) => {
+                let pools = postgres::handler_pools(pool, manifest, options, statement_timeouts).await?;
+                Ok(Sessions::Postgres(pools))
+            }
+            Database::Sqlite(pool) => Ok(Sessions::Sqlite {
+                pool: pool.clone(),
+                turns: manifest
+                    .handlers
+                    .iter()
+                    .map(|h| (h.name.clone(), Arc::new(tokio::sync::Semaphore::new(1))))
+                    .collect(),
+            }),
         }
-        .map_err(classify)
-    }
-
-    /// The PostgreSQL role each handler's statements run as. Roles belong
-    /// to the whole cluster, so their names carry a digest of the database
-    /// name: two deployments on one cluster never share a role.
-    pub async fn handler_roles(&self, manifest: &Manifest) -> anyhow::Result<HashMap<String, String>> {
-        let Database::Postgres(pool) = self else {
-            return Ok(HashMap::new());
-        };
-        let database: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(pool).await?;
-        let digest = Sha256::digest(database.as_bytes());
-        let prefix = format!("exactly_{}_", hex::encode(&digest[..4]));
-        Ok(manifest
-            .handlers
-            .iter()
-            .map(|h| (h.name.clone(), format!("{prefix}{}", h.name.replace('-', "_"))))
-            .collect())
     }
 
     /// True when a trivial query answers.
@@ -180,158 +223,199 @@ impl Database {
     }
 
     /// Applies the host's schema and then every handler's migrations, in
-    /// manifest order, each file once, all in one transaction. A file that
+    /// manifest order, each file once, all in one transaction, and records
+    /// which handler owns which table as the database sees it. A file that
     /// changed after it was applied stops everything: silently diverging
-    /// schemas are worse than a failed start.
+    /// schemas are worse than a failed start. So does a migration that
+    /// names another handler's table.
     pub async fn migrate(&self, manifest: &Manifest) -> anyhow::Result<()> {
-        let backend = self.backend();
-        let mut plan: Vec<(String, String, String)> = match backend {
-            Backend::Postgres => HOST_MIGRATIONS_PG,
-            Backend::Sqlite => HOST_MIGRATIONS_SQLITE,
+        match self {
+            Database::Postgres(pool) => postgres::migrate(pool, manifest).await,
+            Database::Sqlite(pool) => migrate_sqlite(pool, manifest).await,
         }
+    }
+
+    /// Each handler's tables, as the database records their ownership
+    /// after migrating, plus those the handler lists in `uses`.
+    pub async fn handler_tables(&self, manifest: &Manifest) -> anyhow::Result<HashMap<String, Vec<String>>> {
+        match self {
+            Database::Postgres(pool) => postgres::read_handler_tables(pool, manifest).await,
+            Database::Sqlite(pool) => {
+                let rows: Vec<(String, String)> =
+                    sqlx::query_as("SELECT table_name, handler FROM exactly_table_owners ORDER BY table_name")
+                        .fetch_all(pool)
+                        .await
+                        .context("cannot read exactly_table_owners (run `exactly migrate`)")?;
+                let mut owned: HashMap<String, Vec<String>> = HashMap::new();
+                for (table, handler) in rows {
+                    owned.entry(handler).or_default().push(table.to_ascii_lowercase());
+                }
+                manifest
+                    .handlers
+                    .iter()
+                    .map(|handler| Ok((handler.name.clone(), postgres::handler_tables(handler, &owned)?)))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// SQLite's migrations. A handler's tables are those that appear in
+/// `sqlite_master` while its migration runs; a migration that names a
+/// table another handler owns, or changes the schema of one, is refused.
+async fn migrate_sqlite(pool: &SqlitePool, manifest: &Manifest) -> anyhow::Result<()> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS exactly_migrations (
+             owner TEXT NOT NULL, name TEXT NOT NULL, sha256 BLOB NOT NULL,
+             applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+             PRIMARY KEY (owner, name))",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let mut plan: Vec<(String, String, String)> = HOST_MIGRATIONS_SQLITE
         .iter()
         .map(|(name, sql)| (HOST_OWNER.to_owned(), (*name).to_owned(), (*sql).to_owned()))
         .collect();
-        for handler in &manifest.handlers {
-            if let Some(dir) = &handler.migrations {
-                for (name, sql) in read_migrations(&dir.join(backend.name()))
-                    .with_context(|| format!("migrations of handler {}", handler.name))?
+    for handler in &manifest.handlers {
+        if let Some(dir) = &handler.migrations {
+            for (name, sql) in
+                read_migrations(&dir.join("sqlite")).with_context(|| format!("migrations of handler {}", handler.name))?
+            {
+                plan.push((handler.name.clone(), name, sql));
+            }
+        }
+    }
+    for (owner, name, sql) in plan {
+        let is_handler = owner != HOST_OWNER;
+        if is_handler {
+            claim_named_sqlite_tables(&mut tx, &owner, &name, &sql).await?;
+        }
+        let digest = Sha256::digest(sql.as_bytes()).to_vec();
+        let applied: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT sha256 FROM exactly_migrations WHERE owner = ?1 AND name = ?2")
+                .bind(&owner)
+                .bind(&name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if check_applied(&owner, &name, applied.as_deref(), &digest)? {
+            continue;
+        }
+        let before = sqlite_schema(&mut tx).await?;
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("migration {name} of {owner} failed"))?;
+        if is_handler {
+            let after = sqlite_schema(&mut tx).await?;
+            let owners: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
+                "SELECT lower(table_name), handler FROM exactly_table_owners",
+            )
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            for (key, entry) in &after {
+                let other = owners.get(&entry.table).filter(|h| **h != owner);
+                if let Some(other) = other
+                    && before.get(key) != Some(entry)
                 {
-                    plan.push((handler.name.clone(), name, sql));
+                    bail!("migration {name} of handler {owner} changes {key} on table {}, which belongs to handler {other}", entry.table);
                 }
             }
-        }
-        let roles = self.handler_roles(manifest).await?;
-        match self {
-            Database::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
-                sqlx::raw_sql(
-                    "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0;
-                     CREATE SCHEMA IF NOT EXISTS exactly;
-                     CREATE TABLE IF NOT EXISTS exactly.migrations (
-                         owner text NOT NULL, name text NOT NULL, sha256 bytea NOT NULL,
-                         applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (owner, name))",
-                )
-                .execute(&mut *tx)
-                .await?;
-                for (owner, name, sql) in plan {
-                    let digest = Sha256::digest(sql.as_bytes()).to_vec();
-                    let applied: Option<Vec<u8>> =
-                        sqlx::query_scalar("SELECT sha256 FROM exactly.migrations WHERE owner = $1 AND name = $2")
-                            .bind(&owner)
-                            .bind(&name)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if check_applied(&owner, &name, applied.as_deref(), &digest)? {
-                        continue;
-                    }
-                    sqlx::raw_sql(AssertSqlSafe(sql))
-                        .execute(&mut *tx)
-                        .await
-                        .with_context(|| format!("migration {name} of {owner} failed"))?;
-                    sqlx::query("INSERT INTO exactly.migrations (owner, name, sha256) VALUES ($1, $2, $3)")
+            for (key, entry) in &before {
+                if let Some(other) = owners.get(&entry.table).filter(|h| **h != owner)
+                    && !after.contains_key(key)
+                {
+                    bail!("migration {name} of handler {owner} drops {key} of table {}, which belongs to handler {other}", entry.table);
+                }
+            }
+            for (key, entry) in &after {
+                if entry.is_table && !before.contains_key(key) {
+                    sqlx::query("INSERT INTO exactly_table_owners (table_name, handler) VALUES (?1, ?2)")
+                        .bind(&entry.table)
                         .bind(&owner)
-                        .bind(&name)
-                        .bind(&digest)
                         .execute(&mut *tx)
                         .await?;
-                    tracing::info!(%owner, migration = %name, "migration applied");
                 }
-                for (handler, role) in &roles {
-                    let spec = manifest.handlers.iter().find(|h| &h.name == handler).context("unknown handler")?;
-                    let tables = handler_tables(spec, backend)?;
-                    sqlx::raw_sql(AssertSqlSafe(role_grants(role, &tables))).execute(&mut *tx).await.with_context(
-                        || format!("cannot set up the role {role} of handler {handler}"),
-                    )?;
-                }
-                tx.commit().await?;
             }
-            Database::Sqlite(pool) => {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::raw_sql(
-                    "CREATE TABLE IF NOT EXISTS exactly_migrations (
-                         owner TEXT NOT NULL, name TEXT NOT NULL, sha256 BLOB NOT NULL,
-                         applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-                         PRIMARY KEY (owner, name))",
+        }
+        sqlx::query("INSERT INTO exactly_migrations (owner, name, sha256) VALUES (?1, ?2, ?3)")
+            .bind(&owner)
+            .bind(&name)
+            .bind(&digest)
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(%owner, migration = %name, "migration applied");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One object of `sqlite_master`: the table it belongs to and its SQL.
+#[derive(PartialEq, Eq)]
+struct SchemaEntry {
+    table: String,
+    is_table: bool,
+    sql: Option<String>,
+}
+
+/// `sqlite_master` by `type:name`, names lower-cased.
+async fn sqlite_schema(tx: &mut Transaction<'static, Sqlite>) -> anyhow::Result<HashMap<String, SchemaEntry>> {
+    let rows: Vec<(String, String, String, Option<String>)> =
+        sqlx::query_as("SELECT type, lower(name), lower(tbl_name), sql FROM sqlite_master")
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(kind, name, table, sql)| {
+            let is_table = kind == "table" || kind == "view";
+            (format!("{kind} {name}"), SchemaEntry { table, is_table, sql })
+        })
+        .collect())
+}
+
+/// Before a handler's SQLite migration: every table it names in `CREATE
+/// TABLE` / `CREATE VIEW` must be new or its own. A table that exists with
+/// no recorded owner was left by a version of exactly that kept no owners:
+/// it becomes this handler's (the upgrade path).
+async fn claim_named_sqlite_tables(
+    tx: &mut Transaction<'static, Sqlite>,
+    handler: &str,
+    name: &str,
+    sql: &str,
+) -> anyhow::Result<()> {
+    let named = crate::policy::tables_created_by(Backend::Sqlite, sql)
+        .map_err(|e| anyhow::anyhow!("cannot read migration {name} of handler {handler}: {e}"))?;
+    for table in named {
+        let owner: Option<String> = sqlx::query_scalar("SELECT handler FROM exactly_table_owners WHERE table_name = ?1")
+            .bind(&table)
+            .fetch_optional(&mut **tx)
+            .await?;
+        match owner {
+            Some(owner) if owner == handler => {}
+            Some(other) => bail!(
+                "migration {name} of handler {handler} names table {table}, which belongs to handler {other}; \
+                 a handler's migrations may create and change only its own tables (list it in `uses` to read and write it)"
+            ),
+            None => {
+                let exists: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type IN ('table', 'view') AND name = ?1 COLLATE NOCASE)",
                 )
-                .execute(&mut *tx)
+                .bind(&table)
+                .fetch_one(&mut **tx)
                 .await?;
-                for (owner, name, sql) in plan {
-                    let digest = Sha256::digest(sql.as_bytes()).to_vec();
-                    let applied: Option<Vec<u8>> =
-                        sqlx::query_scalar("SELECT sha256 FROM exactly_migrations WHERE owner = ?1 AND name = ?2")
-                            .bind(&owner)
-                            .bind(&name)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if check_applied(&owner, &name, applied.as_deref(), &digest)? {
-                        continue;
-                    }
-                    sqlx::raw_sql(AssertSqlSafe(sql))
-                        .execute(&mut *tx)
-                        .await
-                        .with_context(|| format!("migration {name} of {owner} failed"))?;
-                    sqlx::query("INSERT INTO exactly_migrations (owner, name, sha256) VALUES (?1, ?2, ?3)")
-                        .bind(&owner)
-                        .bind(&name)
-                        .bind(&digest)
-                        .execute(&mut *tx)
+                if exists {
+                    sqlx::query("INSERT INTO exactly_table_owners (table_name, handler) VALUES (?1, ?2)")
+                        .bind(&table)
+                        .bind(handler)
+                        .execute(&mut **tx)
                         .await?;
-                    tracing::info!(%owner, migration = %name, "migration applied");
                 }
-                tx.commit().await?;
             }
         }
-        Ok(())
     }
-}
-
-/// The tables a handler may use: those its migrations create, and those it
-/// declares in `uses`.
-pub fn handler_tables(spec: &HandlerSpec, backend: Backend) -> anyhow::Result<Vec<String>> {
-    let mut tables = spec.uses.clone();
-    if let Some(dir) = &spec.migrations {
-        for (name, sql) in read_migrations(&dir.join(backend.name()))
-            .with_context(|| format!("migrations of handler {}", spec.name))?
-        {
-            let created = crate::policy::tables_created_by(backend, &sql).map_err(|e| {
-                anyhow::anyhow!("cannot read which tables migration {name} of handler {} creates: {e}", spec.name)
-            })?;
-            tables.extend(created);
-        }
-    }
-    tables.sort();
-    tables.dedup();
-    Ok(tables)
-}
-
-/// The SQL that makes `role` a NOLOGIN role allowed to read and write
-/// exactly `tables` (and nothing of the host's schema), and lets the host
-/// `SET ROLE` to it. Idempotent: privileges are reset, then granted.
-fn role_grants(role: &str, tables: &[String]) -> String {
-    let role_ident = quote_ident(role);
-    let literal = role.replace('\'', "''");
-    let mut sql = format!(
-        "DO $$ BEGIN
-             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{literal}') THEN
-                 CREATE ROLE {role_ident} NOLOGIN;
-             END IF;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-         END $$;
-         GRANT {role_ident} TO CURRENT_USER;
-         REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role_ident};
-         GRANT USAGE ON SCHEMA public TO {role_ident};
-         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_ident};"
-    );
-    if !tables.is_empty() {
-        let list: Vec<String> = tables.iter().map(|t| quote_ident(t)).collect();
-        sql.push_str(&format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {} TO {role_ident};",
-            list.join(", ")
-        ));
-    }
-    sql
+    Ok(())
 }
 
 /// `Ok(true)`: already applied, skip. `Ok(false)`: apply it now.
@@ -364,74 +448,67 @@ impl EventTx {
     /// Claims `(source, id)`. On PostgreSQL a concurrent first delivery holds
     /// the row lock, so this waits for it (bounded by `lock_timeout`) and
     /// then sees its committed row, or owns the event if it rolled back.
-    /// On PostgreSQL the same statement that claims the event also switches
-    /// to the handler's role and statement timeout (`set_config(…, true)` is
-    /// `SET LOCAL`): one round trip, and nothing is switched for a duplicate.
-    pub async fn claim(
-        &mut self,
-        event: &CloudEvent,
-        handler: &str,
-        payload_sha256: &[u8],
-        role: Option<&str>,
-        statement_timeout: Option<Duration>,
-    ) -> Result<Claim, Rejection> {
-        let inserted = match self {
-            EventTx::Postgres(tx) => sqlx::query(
-                "WITH claim AS (
-                     INSERT INTO exactly.processed_events (source, id, type, handler, payload_sha256)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, id) DO NOTHING RETURNING 1)
-                 SELECT set_config('role', COALESCE($6, current_user::text), true),
-                        set_config('statement_timeout', COALESCE($7, current_setting('statement_timeout')), true)
-                 FROM claim",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(&event.ty)
-            .bind(handler)
-            .bind(payload_sha256)
-            .bind(role)
-            .bind(statement_timeout.map(|t| format!("{}ms", t.as_millis().max(1))))
-            .fetch_optional(&mut **tx)
-            .await
-            .map(|row| u64::from(row.is_some())),
-            EventTx::Sqlite(tx) => sqlx::query(
-                "INSERT INTO exactly_processed_events (source, id, type, handler, payload_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (source, id) DO NOTHING",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(&event.ty)
-            .bind(handler)
-            .bind(payload_sha256)
-            .execute(&mut **tx)
-            .await
-            .map(|r| r.rows_affected()),
-        }
-        .map_err(classify)?;
-        if inserted == 1 {
-            return Ok(Claim::Owned);
-        }
-        let row = match self {
-            EventTx::Postgres(tx) => sqlx::query(
-                "SELECT payload_sha256, status, reply::text AS reply FROM exactly.processed_events
-                 WHERE source = $1 AND id = $2",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .fetch_one(&mut **tx)
-            .await
-            .and_then(|row| Ok((row.try_get("payload_sha256")?, row.try_get::<Option<i16>, _>("status")?, row.try_get("reply")?))),
-            EventTx::Sqlite(tx) => sqlx::query(
-                "SELECT payload_sha256, status, reply FROM exactly_processed_events WHERE source = ?1 AND id = ?2",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .fetch_one(&mut **tx)
-            .await
-            .and_then(|row| Ok((row.try_get("payload_sha256")?, row.try_get::<Option<i16>, _>("status")?, row.try_get("reply")?))),
-        }
-        .map_err(classify)?;
-        let (payload_sha256, status, reply): (Vec<u8>, Option<i16>, Option<String>) = row;
+    /// On PostgreSQL the claim is one call of `exactly.claim_event` on the
+    /// handler's own session, with the event's proof bound as a parameter.
+    pub async fn claim(&mut self, event: &CloudEvent, handler: &str, payload_sha256: &[u8]) -> Result<Claim, Rejection> {
+        let stored: (Vec<u8>, Option<i16>, Option<String>) = match self {
+            EventTx::Postgres(tx, key) => {
+                let row = sqlx::query(
+                    "SELECT owned, stored_payload_sha256, stored_status, stored_reply
+                     FROM exactly.claim_event($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&event.source)
+                .bind(&event.id)
+                .bind(&event.ty)
+                .bind(handler)
+                .bind(payload_sha256)
+                .bind(key.proof(&event.source, &event.id))
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(classify)?;
+                let owned: bool = row.try_get("owned").map_err(classify)?;
+                if owned {
+                    return Ok(Claim::Owned);
+                }
+                (
+                    row.try_get::<Option<Vec<u8>>, _>("stored_payload_sha256").map_err(classify)?.unwrap_or_default(),
+                    row.try_get("stored_status").map_err(classify)?,
+                    row.try_get("stored_reply").map_err(classify)?,
+                )
+            }
+            EventTx::Sqlite(tx, _) => {
+                let inserted = sqlx::query(
+                    "INSERT INTO exactly_processed_events (source, id, type, handler, payload_sha256)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (source, id) DO NOTHING",
+                )
+                .bind(&event.source)
+                .bind(&event.id)
+                .bind(&event.ty)
+                .bind(handler)
+                .bind(payload_sha256)
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+                if inserted == 1 {
+                    return Ok(Claim::Owned);
+                }
+                let row = sqlx::query(
+                    "SELECT payload_sha256, status, reply FROM exactly_processed_events WHERE source = ?1 AND id = ?2",
+                )
+                .bind(&event.source)
+                .bind(&event.id)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(classify)?;
+                (
+                    row.try_get("payload_sha256").map_err(classify)?,
+                    row.try_get("status").map_err(classify)?,
+                    row.try_get("reply").map_err(classify)?,
+                )
+            }
+        };
+        let (payload_sha256, status, reply) = stored;
         let status = status.ok_or_else(|| Rejection::Internal("a committed event has no stored answer".into()))?;
         let reply = reply
             .map(|text| serde_json::from_str::<ReplyEvent>(&text))
@@ -443,7 +520,9 @@ impl EventTx {
     /// Stores the answer on the claim row. It must update exactly one row:
     /// that proves the transaction is alive right before COMMIT (an aborted
     /// PostgreSQL transaction would fail here instead of letting COMMIT
-    /// quietly roll back).
+    /// quietly roll back), and on PostgreSQL that the claim is this
+    /// transaction's own. Every value is a bound parameter: nothing here
+    /// depends on a setting the handler could have changed.
     pub async fn store_answer(&mut self, event: &CloudEvent, answer: &Committed, result: &str) -> Result<(), Rejection> {
         let reply = answer
             .reply
@@ -453,21 +532,19 @@ impl EventTx {
             .map_err(|e| Rejection::Internal(e.to_string()))?;
         let status = answer.status as i16;
         let updated = match self {
-            // Back to the host's role and the UPDATE in one round trip: a
-            // simple-protocol batch, so the values travel as literals
-            // (`standard_conforming_strings` is forced on per connection).
-            EventTx::Postgres(tx) => {
-                let batch = format!(
-                    "RESET ROLE; UPDATE exactly.processed_events SET status = {status}, reply = {}::jsonb, result = {}::jsonb \
-                     WHERE source = {} AND id = {}",
-                    reply.as_deref().map_or(Ok("NULL".to_owned()), sql_literal)?,
-                    sql_literal(result)?,
-                    sql_literal(&event.source)?,
-                    sql_literal(&event.id)?,
-                );
-                sqlx::raw_sql(AssertSqlSafe(batch)).execute(&mut **tx).await.map(|r| r.rows_affected())
-            }
-            EventTx::Sqlite(tx) => sqlx::query(
+            EventTx::Postgres(tx, key) => sqlx::query_scalar::<_, i32>(
+                "SELECT exactly.store_answer($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&event.source)
+            .bind(&event.id)
+            .bind(key.proof(&event.source, &event.id))
+            .bind(status)
+            .bind(reply)
+            .bind(result)
+            .fetch_one(&mut **tx)
+            .await
+            .map(|n| n as u64),
+            EventTx::Sqlite(tx, _) => sqlx::query(
                 "UPDATE exactly_processed_events SET status = ?3, reply = ?4, result = ?5 WHERE source = ?1 AND id = ?2",
             )
             .bind(&event.source)
@@ -489,16 +566,16 @@ impl EventTx {
 
     pub async fn commit(self) -> Result<(), Rejection> {
         match self {
-            EventTx::Postgres(tx) => tx.commit().await,
-            EventTx::Sqlite(tx) => tx.commit().await,
+            EventTx::Postgres(tx, _) => tx.commit().await,
+            EventTx::Sqlite(tx, _) => tx.commit().await,
         }
         .map_err(classify)
     }
 
     pub async fn rollback(self) {
         let result = match self {
-            EventTx::Postgres(tx) => tx.rollback().await,
-            EventTx::Sqlite(tx) => tx.rollback().await,
+            EventTx::Postgres(tx, _) => tx.rollback().await,
+            EventTx::Sqlite(tx, _) => tx.rollback().await,
         };
         if let Err(error) = result {
             // The connection is closed or broken: the server rolls back.
@@ -517,7 +594,7 @@ impl EventTx {
         caps: RowCaps,
     ) -> Result<StatementOutput, StatementError> {
         match self {
-            EventTx::Postgres(tx) => {
+            EventTx::Postgres(tx, _) => {
                 let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(sql)), params)?;
                 if want_rows {
                     let stream = query.fetch(&mut **tx);
@@ -527,8 +604,12 @@ impl EventTx {
                     Ok(StatementOutput::Affected(done.rows_affected()))
                 }
             }
-            EventTx::Sqlite(tx) => {
-                let query = convert::bind_sqlite(sqlx::query(AssertSqlSafe(sql)), params)?;
+            EventTx::Sqlite(tx, _) => {
+                // Never from the connection's statement cache: a handler
+                // that sent the very text of one of the host's statements
+                // would otherwise run the host's compiled statement, which
+                // SQLite's authorizer never saw.
+                let query = convert::bind_sqlite(sqlx::query(AssertSqlSafe(sql)).persistent(false), params)?;
                 if want_rows {
                     let stream = query.fetch(&mut **tx);
                     collect_rows(stream, caps, convert::row_from_sqlite).await
@@ -543,19 +624,18 @@ impl EventTx {
     /// Hands the transaction to a handler. On SQLite, install a progress
     /// handler that interrupts any statement once the event's deadline has
     /// passed (SQLite has no statement timeout of its own). On PostgreSQL the
-    /// claim already switched to the handler's role and statement timeout.
+    /// session already is the handler's, with its statement timeout.
     pub async fn enter_handler(&mut self, deadline: Instant) -> Result<(), Rejection> {
-        if let EventTx::Sqlite(tx) = self {
+        if let EventTx::Sqlite(tx, _) = self {
             let mut handle = tx.lock_handle().await.map_err(classify)?;
             handle.set_progress_handler(10_000, move || Instant::now() < deadline);
         }
         Ok(())
     }
 
-    /// Takes the transaction back from the handler. On PostgreSQL storing the
-    /// answer resets the role.
+    /// Takes the transaction back from the handler.
     pub async fn leave_handler(&mut self) -> Result<(), Rejection> {
-        if let EventTx::Sqlite(tx) = self {
+        if let EventTx::Sqlite(tx, _) = self {
             tx.lock_handle().await.map_err(classify)?.remove_progress_handler();
         }
         Ok(())
@@ -602,21 +682,6 @@ where
         rows.push(values);
     }
     Ok(StatementOutput::Rows(Rows { columns: columns.unwrap_or_default(), rows }))
-}
-
-/// A PostgreSQL string literal. Safe because every connection runs with
-/// `standard_conforming_strings = on` (backslashes are plain characters) and
-/// NUL, which PostgreSQL text cannot hold, is refused.
-fn sql_literal(text: &str) -> Result<String, Rejection> {
-    if text.contains('\0') {
-        return Err(Rejection::Internal("a value to store contains a NUL character".into()));
-    }
-    Ok(format!("'{}'", text.replace('\'', "''")))
-}
-
-/// A PostgreSQL identifier in double quotes.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Maps a database error on the host's own statements to its answer:
