@@ -155,6 +155,26 @@ const FOREIGN: &[&str] = &[
     "WITH x AS (TABLE secrets) SELECT * FROM x",
     "SELECT set_config('role', 'none', true)",
     "SELECT a FROM t WHERE a = pg_catalog.set_config('statement_timeout', '0', true)",
+    // Issue 9: functions where a denylist did not look, spellings the
+    // database reads differently, CTE names out of scope, SQL-running
+    // built-ins.
+    "SELECT * FROM LATERAL set_config('role','none',true)",
+    "SELECT * FROM generate_series(1, 10)",
+    "SELECT * FROM json_each('[1]')",
+    "SELECT * FROM t, LATERAL lower(t.a) x",
+    "SELECT a FROM t ORDER BY set_config('role', 'none', true)",
+    "SELECT U&\"\\0073et_config\"('role', 'none', true)",
+    "SELECT u&'\\0073'",
+    "SELECT 1 OPERATOR(pg_catalog.+) 1",
+    "SELECT pg_catalog.lower('x')",
+    "WITH secrets AS (SELECT 1) UPDATE secrets SET a = 1",
+    "WITH secrets AS (SELECT 1) SELECT * FROM main.secrets",
+    "SELECT * FROM (WITH secrets AS (SELECT 1) SELECT * FROM secrets) s, secrets",
+    "WITH secrets AS (SELECT * FROM secrets) SELECT * FROM secrets",
+    "SELECT query_to_xml('SELECT * FROM secrets', true, true, '')",
+    "SELECT repeat('x', 100000000)",
+    "SELECT zeroblob(100000000)",
+    "SELECT 1 MATCH",
 ];
 
 /// `(open, close)` around a hidden statement: literals, quoted identifiers
@@ -898,6 +918,18 @@ fn the_sqlite_oracle_sees_what_sqlite_runs() {
                 .any(|a| a.code == libsqlite3_sys::SQLITE_TRANSACTION)
         );
     });
+}
+
+/// Issue 9's attack kinds, refused for good on both backends.
+#[test]
+fn regressions_found_by_review() {
+    for sql in FOREIGN {
+        assert!(
+            POSTGRES.check(sql).is_err(),
+            "PostgreSQL policy admitted {sql:?}"
+        );
+        assert!(SQLITE.check(sql).is_err(), "SQLite policy admitted {sql:?}");
+    }
 }
 
 /// What the fuzzers found, refused for good on both backends.
