@@ -15,7 +15,8 @@ pub const ENV: &str = "EXACTLY_TEST_SQL_POLICY";
 
 /// Logged once at start-up when the switch is on; the container test makes
 /// sure a release image never logs it.
-pub const OFF_WARNING: &str = "the SQL policy is switched OFF (test-only switch): handler SQL goes to the database unchecked";
+pub const OFF_WARNING: &str =
+    "the SQL policy is switched OFF (test-only switch): handler SQL goes to the database unchecked";
 
 /// Whether the policy is switched off: only with the feature and
 /// `EXACTLY_TEST_SQL_POLICY=off`.
@@ -23,7 +24,9 @@ pub const OFF_WARNING: &str = "the SQL policy is switched OFF (test-only switch)
 pub fn policy_off() -> bool {
     use std::sync::OnceLock;
     static OFF: OnceLock<bool> = OnceLock::new();
-    *OFF.get_or_init(|| std::env::var(ENV).is_ok_and(|value| value.trim().eq_ignore_ascii_case("off")))
+    *OFF.get_or_init(|| {
+        std::env::var(ENV).is_ok_and(|value| value.trim().eq_ignore_ascii_case("off"))
+    })
 }
 
 /// Without the `sql-policy-switch` feature: never.
@@ -38,6 +41,8 @@ pub fn check_env() {
     if policy_off() {
         tracing::warn!("{OFF_WARNING}");
     } else if std::env::var_os(ENV).is_some() && !cfg!(feature = "sql-policy-switch") {
-        tracing::warn!("{ENV} is set but this build has no SQL policy switch (cargo feature sql-policy-switch): ignored");
+        tracing::warn!(
+            "{ENV} is set but this build has no SQL policy switch (cargo feature sql-policy-switch): ignored"
+        );
     }
 }

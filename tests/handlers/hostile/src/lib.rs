@@ -325,7 +325,10 @@ fn run_sql(tx: &Tx, event: &Event) -> Result<Json, Error> {
             .and_then(Json::as_array)
             .map(|params| params.iter().map(sql_value).collect())
             .unwrap_or_default();
-        let want_rows = statement.get("query").and_then(Json::as_bool).unwrap_or(false);
+        let want_rows = statement
+            .get("query")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
         let outcome = if want_rows {
             tx.query(sql, &params).map(|rows| {
                 json!({
@@ -337,7 +340,8 @@ fn run_sql(tx: &Tx, event: &Event) -> Result<Json, Error> {
                 })
             })
         } else {
-            tx.execute(sql, &params).map(|affected| json!({ "affected": affected }))
+            tx.execute(sql, &params)
+                .map(|affected| json!({ "affected": affected }))
         };
         results.push(match outcome {
             Ok(result) => {
@@ -356,7 +360,10 @@ fn run_sql(tx: &Tx, event: &Event) -> Result<Json, Error> {
     }
     let mut result = json!({ "results": results });
     if let Some(index) = data.get("result_from").and_then(Json::as_u64) {
-        let chosen = result["results"].get(index as usize).cloned().unwrap_or(Json::Null);
+        let chosen = result["results"]
+            .get(index as usize)
+            .cloned()
+            .unwrap_or(Json::Null);
         result["result"] = chosen;
     }
     Ok(result)
