@@ -288,6 +288,7 @@ fn compile(args: CompileArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::fault::check_env()?;
+    crate::sql_switch::check_env();
     let manifest = Manifest::load(&args.common.handlers)?;
     let limits = sandbox_limits(
         args.handler_timeout,

@@ -10,7 +10,8 @@
 //! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
 //! `/metrics` reports, [`otel`] the OpenTelemetry export and trace
 //! context, [`retention`] the sweeper that expires dedup records; [`fault`]
-//! holds the test-only crash points. Dead-lettered events take a
+//! holds the test-only crash points, [`sql_switch`] the test-only switch
+//! that turns the SQL policy off. Dead-lettered events take a
 //! path of their own, [`dlq`]: stored, listed and replayed, never run.
 
 pub mod answer;
@@ -27,4 +28,5 @@ pub mod policy;
 pub mod retention;
 pub mod runtime;
 pub mod server;
+pub mod sql_switch;
 pub mod storage;

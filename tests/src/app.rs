@@ -220,6 +220,7 @@ pub const HOSTILE_TYPES: &[&str] = &[
     "hostile.read-file",
     "hostile.env",
     "hostile.socket",
+    "hostile.sql",
 ];
 
 /// The `hostile` test handler, with `limits` as its `[handler.limits]`

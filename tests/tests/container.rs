@@ -466,6 +466,9 @@ async fn serves_exactly_once_on_postgres(image: &Image, work: &Path, uid: &str) 
 /// `EXACTLY_FAULTS` would make a binary built with the test-only crash
 /// points (host feature `fault-points`) abort on the first event; the
 /// image's binary must not have them, so it must process the event.
+/// Likewise `EXACTLY_TEST_SQL_POLICY=off` would switch the SQL policy off in
+/// a binary built with the test-only feature `sql-policy-switch`; the
+/// image's binary must ignore it (it never logs the switch's warning).
 async fn serves_exactly_once_on_its_sqlite_default(image: &Image, uid: &str) {
     let port = free_port();
     let container = Container::run(
@@ -475,6 +478,8 @@ async fn serves_exactly_once_on_its_sqlite_default(image: &Image, uid: &str) {
             &format!("127.0.0.1:{port}:8080"),
             "--env",
             "EXACTLY_FAULTS=after-claim=1.0",
+            "--env",
+            "EXACTLY_TEST_SQL_POLICY=off",
         ],
     );
     let client = client();
@@ -489,6 +494,11 @@ async fn serves_exactly_once_on_its_sqlite_default(image: &Image, uid: &str) {
     let order = order_created(&format!("order-{}", uuid::Uuid::new_v4()));
     send_binary(&client, &base, &order).await.assert_processed();
     send_binary(&client, &base, &order).await.assert_replayed();
+    assert!(
+        !container.logs().contains("the SQL policy is switched OFF"),
+        "the image's binary honoured the test-only EXACTLY_TEST_SQL_POLICY=off; its log:\n{}",
+        container.logs()
+    );
 
     // deploy/build-image precompiled the handlers for the image's engine
     // settings: a cold start loads them instead of compiling.

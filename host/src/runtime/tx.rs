@@ -31,7 +31,17 @@ impl EventState {
             self.doom = Some(Doom::Limit(LimitKind::Statements, message.clone()));
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message });
         }
-        let admitted = match self.policy.check(&sql) {
+        // Test-only (feature sql-policy-switch, EXACTLY_TEST_SQL_POLICY=off):
+        // no policy, the database alone is the wall.
+        #[cfg(feature = "sql-policy-switch")]
+        let verdict = if crate::sql_switch::policy_off() {
+            Ok(std::sync::Arc::from(crate::policy::rewrite_placeholders(self.policy.backend(), &sql)))
+        } else {
+            self.policy.check(&sql)
+        };
+        #[cfg(not(feature = "sql-policy-switch"))]
+        let verdict = self.policy.check(&sql);
+        let admitted = match verdict {
             Ok(admitted) => admitted,
             Err(reason) => {
                 let message = format!("refused {:?}: {reason}", shorten(&sql));

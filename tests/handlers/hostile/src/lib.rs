@@ -35,12 +35,28 @@
 //! | `hostile.read-file` | reads `/etc/passwd`, lists `/`, writes `/tmp` | 202, every operation failed |
 //! | `hostile.env` | reads `HOME`, the environment and the arguments | 202, all empty |
 //! | `hostile.socket` | TCP connect, UDP send and a name lookup to the ports in the data | 202, every operation failed |
+//! | `hostile.sql` | the statements in the data, as they are (see below) | depends on the SQL (`tests/tests/wall.rs`) |
+//!
+//! `hostile.sql` runs arbitrary SQL for the tests of the wall
+//! (`tests/tests/wall.rs`). Its data is
+//!
+//! ```json
+//! {"statements": [{"sql": "...", "params": [1, "a", null], "query": true}], "result_from": null}
+//! ```
+//!
+//! Each statement runs in order (`query: true` with `tx.query`, else
+//! `tx.execute`; parameters: string → text, integer → int, other number →
+//! float, bool → boolean, null → null, anything else → JSON). Every error is
+//! recorded and ignored. The result is `{"results": [...]}`, one entry per
+//! statement: `{"rows": [[…], …], "columns": […]}` (query),
+//! `{"affected": n}` (execute) or `{"error": {"kind", "code", "message"}}`;
+//! with `"result_from": i` it also carries `"result"`, a copy of entry `i`.
 //!
 //! Anything else is a permanent error naming the type.
 
 use std::hint::black_box;
 
-use exactly_guest::{Backend, DbError, Error, Event, Outcome, Tx, log, params};
+use exactly_guest::{Backend, DbError, Error, Event, Outcome, Tx, Value, log, params};
 use serde_json::{Value as Json, json};
 
 exactly_guest::export_handler!(handle);
@@ -125,6 +141,9 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
         "hostile.read-file" => files(),
         "hostile.env" => environment(),
         "hostile.socket" => sockets(&event)?,
+
+        // Arbitrary SQL from the event's data (the wall tests).
+        "hostile.sql" => run_sql(tx, &event)?,
 
         other => {
             return Err(Error::permanent(format!(
@@ -285,4 +304,94 @@ fn sockets(event: &Event) -> Result<Json, Error> {
         format!("{:?}", addresses.collect::<Vec<_>>())
     });
     Ok(json!({ "tcp_connect": tcp, "udp_send": udp, "name_lookup": lookup }))
+}
+
+/// `hostile.sql`: runs the statements of the event's data, in order,
+/// recording each one's rows or error and ignoring errors.
+fn run_sql(tx: &Tx, event: &Event) -> Result<Json, Error> {
+    let data: Json = event.data_json()?;
+    let statements = data
+        .get("statements")
+        .and_then(Json::as_array)
+        .ok_or_else(|| Error::permanent("data.statements must be an array"))?;
+    let mut results = Vec::with_capacity(statements.len());
+    for statement in statements {
+        let sql = statement
+            .get("sql")
+            .and_then(Json::as_str)
+            .ok_or_else(|| Error::permanent("every statement needs a string `sql`"))?;
+        let params: Vec<Value> = statement
+            .get("params")
+            .and_then(Json::as_array)
+            .map(|params| params.iter().map(sql_value).collect())
+            .unwrap_or_default();
+        let want_rows = statement
+            .get("query")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        let outcome = if want_rows {
+            tx.query(sql, &params).map(|rows| {
+                json!({
+                    "columns": rows.columns(),
+                    "rows": rows
+                        .iter()
+                        .map(|row| row.values().iter().map(json_value).collect::<Vec<_>>())
+                        .collect::<Vec<_>>(),
+                })
+            })
+        } else {
+            tx.execute(sql, &params)
+                .map(|affected| json!({ "affected": affected }))
+        };
+        results.push(match outcome {
+            Ok(result) => {
+                log::error!("{sql} was accepted");
+                result
+            }
+            Err(error) => {
+                log::warn!("{sql} failed, ignoring it: {error}");
+                json!({ "error": {
+                    "kind": format!("{:?}", error.kind()),
+                    "code": error.code(),
+                    "message": error.message(),
+                }})
+            }
+        });
+    }
+    let mut result = json!({ "results": results });
+    if let Some(index) = data.get("result_from").and_then(Json::as_u64) {
+        let chosen = result["results"]
+            .get(index as usize)
+            .cloned()
+            .unwrap_or(Json::Null);
+        result["result"] = chosen;
+    }
+    Ok(result)
+}
+
+/// A JSON parameter as a SQL value.
+fn sql_value(param: &Json) -> Value {
+    match param {
+        Json::Null => Value::Null,
+        Json::Bool(flag) => Value::Boolean(*flag),
+        Json::Number(number) => match number.as_i64() {
+            Some(integer) => Value::Int(integer),
+            None => Value::Float(number.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(text) => Value::Text(text.clone()),
+        other => Value::Json(other.to_string()),
+    }
+}
+
+/// A SQL value as JSON (bytes as lower-case hex).
+fn json_value(value: &Value) -> Json {
+    match value {
+        Value::Null => Json::Null,
+        Value::Boolean(flag) => json!(flag),
+        Value::Int(integer) => json!(integer),
+        Value::Float(number) => json!(number),
+        Value::Text(text) | Value::Numeric(text) | Value::Timestamp(text) => json!(text),
+        Value::Bytes(bytes) => json!(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        Value::Json(text) => serde_json::from_str(text).unwrap_or_else(|_| json!(text)),
+    }
 }
