@@ -814,16 +814,6 @@ fn leading_keyword(statement: &str) -> String {
     statement.split_whitespace().next().unwrap_or("this").to_ascii_uppercase()
 }
 
-/// The text to send for `sql` without judging it: PostgreSQL takes it as
-/// it is; SQLite gets the `$n` → `?n` rewrite of [`numbered_placeholders`]
-/// (the text unchanged when it does not tokenize).
-pub fn rewrite_placeholders(backend: Backend, sql: &str) -> String {
-    match backend {
-        Backend::Postgres => sql.to_owned(),
-        Backend::Sqlite => numbered_placeholders(dialect(backend), sql).unwrap_or_else(|_| sql.to_owned()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
