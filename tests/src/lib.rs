@@ -34,7 +34,7 @@ pub mod harness;
 pub mod metrics;
 
 pub use answer::{Answer, ErrorBody};
-pub use app::{HandlerEntry, HandlerLimits, ProcessedEvent, TestApp, TestEnv};
+pub use app::{HandlerEntry, HandlerLimits, ProcessedEvent, TestApp, TestEnv, hostile_handler, standard_handlers};
 pub use backend::{Backend, Db};
 pub use event::Event;
 pub use metrics::Scrape;

@@ -56,6 +56,19 @@ fn small_limits() -> HandlerLimits {
     }
 }
 
+/// The hostile handler with [`small_limits`] and the SQL policy switched off
+/// (test-only switch, see `tests/tests/wall.rs`): the resource attacks use
+/// functions the policy refuses (`generate_series`, `repeat`, `pg_sleep`),
+/// and the limits must hold without the filter in front of them.
+async fn spawn_unfiltered(backend: Backend) -> TestApp {
+    let mut handlers = exactly_e2e::standard_handlers();
+    handlers.push(exactly_e2e::hostile_handler(Some(small_limits())));
+    exactly_e2e::TestEnv::with_handlers(backend, handlers)
+        .await
+        .serve_with_env(&[], &[("EXACTLY_TEST_SQL_POLICY", "off")])
+        .await
+}
+
 /// Statements the host must refuse before they reach the database: the
 /// event fails with 422 `statement-refused` although the handler ignores
 /// the error and returns `Ok`.
@@ -218,7 +231,7 @@ async fn runaway_handlers_are_stopped(backend: Backend) {
 }
 
 async fn floods_and_huge_results_are_cut_off(backend: Backend) {
-    let app = TestApp::spawn_with_hostile(backend, Some(small_limits())).await;
+    let app = spawn_unfiltered(backend).await;
     let mut report = Report::new(backend);
     control(&app, &mut report).await;
 
@@ -247,7 +260,7 @@ async fn floods_and_huge_results_are_cut_off(backend: Backend) {
 /// On its own host: on SQLite a statement that is not interrupted would
 /// hold the only writer connection for hours and fail everything after it.
 async fn endless_statement_is_cancelled(backend: Backend) {
-    let app = TestApp::spawn_with_hostile(backend, Some(small_limits())).await;
+    let app = spawn_unfiltered(backend).await;
     let mut report = Report::new(backend);
     control(&app, &mut report).await;
 
