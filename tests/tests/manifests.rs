@@ -900,8 +900,14 @@ fn the_service_sizes_agree_with_each_other() {
             "{name}: {connections} handlers x {per_handler} MiB do not fit in {limit} MiB"
         );
 
-        // Every pod at full scale holds a full pool, with room to spare for
-        // the operator, replication and an administrator.
+        // Every pod at full scale holds a full pool per handler (each
+        // handler's events log in as its own role) and one for its own
+        // work, with room to spare for the operator, replication and an
+        // administrator.
+        let handlers = std::fs::read_to_string(repo_root().join("deploy/handlers.toml"))
+            .expect("deploy/handlers.toml")
+            .matches("[[handler]]")
+            .count() as u64;
         let max_scale = number(
             &service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"],
             "max-scale",
@@ -912,8 +918,8 @@ fn the_service_sizes_agree_with_each_other() {
             "max_connections",
         );
         assert!(
-            max_scale * connections + 10 <= max_connections,
-            "{name}: {max_scale} pods x {connections} connections exceed max_connections {max_connections}"
+            max_scale * (handlers + 1) * connections + 10 <= max_connections,
+            "{name}: {max_scale} pods x ({handlers} handlers + 1) x {connections} connections exceed max_connections {max_connections}"
         );
     }
 }
