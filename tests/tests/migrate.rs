@@ -44,3 +44,85 @@ async fn migrate_is_idempotent_and_creates_the_tables(backend: Backend) {
         0
     );
 }
+
+/// Issue 9: a deployment upgrading from the version that switched roles
+/// with `SET LOCAL ROLE` on the host's own session must not keep that weak
+/// wall. The old state is rebuilt by hand on a migrated database: handler
+/// tables owned by the host's account, the handler roles `NOLOGIN` with
+/// `USAGE, SELECT` on every sequence of the schema, no `0003_wall.sql`.
+/// `exactly migrate` must then hand each table to its handler's owner
+/// role, make the roles log in, take the stray sequence grants back, and
+/// `serve` must process events.
+#[tokio::test]
+async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    assert!(env.migrate().await.status.success(), "the first migrate");
+    let db = env.connect().await;
+    let prefix = db
+        .text(
+            "SELECT 'exactly_' || left(encode(sha256(convert_to(current_database(), 'UTF8')), 'hex'), 8) || '_'",
+            &[],
+        )
+        .await
+        .expect("the order-created role");
+    let login = format!("{prefix}order_created");
+    let payment = format!("{prefix}order_payment");
+    for table in ["orders", "order_events", "payments", "test_effects", "test_flags", "test_unique"] {
+        db.execute(&format!("ALTER TABLE {table} OWNER TO CURRENT_USER"), &[]).await;
+    }
+    // A sequence no handler owns: the old setup granted it to every role.
+    db.execute("CREATE SEQUENCE stray_seq", &[]).await;
+    for role in [&login, &payment] {
+        db.execute(&format!("ALTER ROLE {role} NOLOGIN"), &[]).await;
+        db.execute(&format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"), &[])
+            .await;
+    }
+    db.execute(
+        "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.prepare_handler_roles, \
+         exactly.grant_handler_tables, exactly.reassign_table",
+        &[],
+    )
+    .await;
+    db.execute("DROP TABLE exactly.secret", &[]).await;
+    db.execute("DELETE FROM exactly.migrations WHERE name = '0003_wall.sql'", &[]).await;
+
+    let output = env.migrate().await;
+    assert!(
+        output.status.success(),
+        "the upgrading migrate failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let owner = |table: &'static str| {
+        let db = &db;
+        async move {
+            db.text(
+                "SELECT r.rolname::text FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.relname = $1",
+                &[table],
+            )
+            .await
+            .expect("the table")
+        }
+    };
+    assert_eq!(owner("orders").await, format!("{login}_owner"));
+    assert_eq!(owner("payments").await, format!("{payment}_owner"));
+    assert_eq!(
+        db.text("SELECT rolcanlogin::text FROM pg_roles WHERE rolname = $1", &[&login]).await.as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        db.integer(
+            "SELECT count(*) FROM pg_class s WHERE s.relname = 'stray_seq' AND has_sequence_privilege($1, s.oid, 'USAGE')",
+            &[&payment]
+        )
+        .await,
+        0,
+        "order-payment keeps USAGE on sequences that are not its tables'"
+    );
+    let app = env.serve().await;
+    let answer = app
+        .send_binary(&exactly_e2e::Event::new("order.created").with_data(exactly_e2e::json!({
+            "order_id": "u-1", "customer_id": "c", "total": 1
+        })))
+        .await;
+    assert_eq!(answer.status, 202, "an event after the upgrade: {answer:?}");
+}
