@@ -27,4 +27,5 @@ pub mod policy;
 pub mod retention;
 pub mod runtime;
 pub mod server;
+pub mod sqlite_guard;
 pub mod storage;
