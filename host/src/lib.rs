@@ -6,7 +6,8 @@
 //! handler) → [`pipeline`] (the dedup transaction: claim, run, store, commit)
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
-//! SQLite) → [`answer`] (the one error type and the HTTP answer it maps to).
+//! SQLite; on SQLite
+//! [`storage::sqlite_guard`] makes SQLite enforce the sandbox) → [`answer`] (the one error type and the HTTP answer it maps to).
 //! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
 //! `/metrics` reports, [`otel`] the OpenTelemetry export and trace
 //! context, [`retention`] the sweeper that expires dedup records; [`fault`]

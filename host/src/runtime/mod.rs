@@ -474,8 +474,10 @@ fn log_stdio(handler: &str, event: &CloudEvent, printed: &[u8]) {
     if printed.is_empty() {
         return;
     }
+    let (source, id) = (log::printable(&event.source), log::printable(&event.id));
     for line in String::from_utf8_lossy(printed).lines() {
-        tracing::info!(target: "exactly::handler", handler, source = %event.source, id = %event.id, stdio = true, "{line}");
+        let line = log::printable(line);
+        tracing::info!(target: "exactly::handler", handler, %source, %id, stdio = true, "{line}");
     }
 }
 

@@ -45,7 +45,7 @@ impl EventState {
             Ok(admitted) => admitted,
             Err(reason) => {
                 let message = format!("refused {:?}: {reason}", shorten(&sql));
-                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{message}");
+                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", super::log::printable(&message));
                 self.doom = Some(Doom::Refused(message.clone()));
                 return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
             }
@@ -61,7 +61,7 @@ impl EventState {
             Ok(output) => Ok(output),
             Err(StatementError { error, blame }) => {
                 tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
-                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", error.message);
+                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", super::log::printable(&error.message));
                 self.doom = Some(match blame {
                     Blame::Handler => Doom::Failed(error.message.clone()),
                     Blame::Refused => Doom::Refused(format!("the database refused {:?}: {}", shorten(&sql), error.message)),

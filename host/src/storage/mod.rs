@@ -25,6 +25,7 @@ use crate::decode::CloudEvent;
 use crate::manifest::Manifest;
 
 pub mod postgres;
+pub mod sqlite_guard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
