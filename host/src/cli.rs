@@ -20,7 +20,6 @@ use crate::pipeline::Pipeline;
 use crate::retention::{self, Retention};
 use crate::runtime::{Limits, Runtime, precompile};
 use crate::server::{self, ServerConfig, Startup};
-use crate::policy::Policy;
 use crate::storage::{self, Backend, Database, DbOptions, Sessions};
 
 #[derive(Parser, Debug)]
@@ -306,7 +305,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pipeline_metrics = metrics.clone();
     let start = move |opened: Opened, runtime| {
         retention::spawn(opened.database.clone(), retention, pipeline_metrics.clone());
-        Pipeline::new(opened.database, opened.sessions, runtime, opened.policies, pipeline_metrics)
+        Pipeline::new(opened.database, opened.sessions, runtime, &opened.tables, &opened.schema_tables, pipeline_metrics)
     };
     let listen = args
         .listen
@@ -360,7 +359,8 @@ const DB_RETRY_MAX: Duration = Duration::from_secs(5);
 struct Opened {
     database: Database,
     sessions: Sessions,
-    policies: HashMap<String, Arc<Policy>>,
+    tables: HashMap<String, Vec<String>>,
+    schema_tables: Vec<String>,
 }
 
 /// Connects, applies the migrations (unless told not to), reads each
@@ -370,19 +370,15 @@ async fn open_database(options: &DbOptions, manifest: &Manifest, migrate: bool) 
     if migrate {
         database.migrate(manifest).await?;
     }
-    let backend = database.backend();
     let tables = database.handler_tables(manifest).await?;
-    let mut policies = HashMap::new();
-    let mut statement_timeouts = HashMap::new();
-    for handler in &manifest.handlers {
-        let own = tables.get(&handler.name).cloned().unwrap_or_default();
-        policies.insert(handler.name.clone(), Arc::new(Policy::new(backend, own)));
-        if let Some(timeout) = handler.limits.statement_timeout {
-            statement_timeouts.insert(handler.name.clone(), timeout);
-        }
-    }
+    let schema_tables = database.schema_tables().await?;
+    let statement_timeouts = manifest
+        .handlers
+        .iter()
+        .filter_map(|handler| Some((handler.name.clone(), handler.limits.statement_timeout?)))
+        .collect();
     let sessions = database.sessions(manifest, options, &statement_timeouts).await?;
-    Ok(Opened { database, sessions, policies })
+    Ok(Opened { database, sessions, tables, schema_tables })
 }
 
 /// Logs to stderr, and when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (and a

@@ -69,8 +69,9 @@ impl StatementError {
                     "57014" => (kind, Blame::Limit(LimitKind::StatementTimeout)),
                     // SQLITE_INTERRUPT: the event's deadline interrupted it.
                     "9" => (kind, Blame::Limit(LimitKind::StatementTimeout)),
-                    // insufficient_privilege: the per-handler role's wall.
-                    "42501" => (DbErrorKind::Refused, Blame::Refused),
+                    // insufficient_privilege: the per-handler role's wall;
+                    // SQLITE_AUTH: SQLite's authorizer (storage::sqlite_guard).
+                    "42501" | "23" => (DbErrorKind::Refused, Blame::Refused),
                     code if is_contention(code) => (kind, Blame::Host(Rejection::Busy(message.clone()))),
                     code if is_unavailable(code) => (kind, Blame::Host(Rejection::DatabaseUnavailable(message.clone()))),
                     _ => (kind, Blame::Handler),
@@ -99,6 +100,12 @@ impl StatementError {
             error: DbError { kind: DbErrorKind::Failed, code: None, message },
             blame: Blame::Limit(limit),
         }
+    }
+
+    /// A statement the database's own guard refused before running it
+    /// (SQLite's authorizer, more than one statement in the text).
+    pub fn refused(message: String) -> Self {
+        StatementError { error: DbError { kind: DbErrorKind::Refused, code: None, message }, blame: Blame::Refused }
     }
 }
 

@@ -27,7 +27,16 @@ use crate::metrics::{EventTimings, Metrics};
 use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
 use crate::runtime::{LoadedHandler, Runtime};
 use crate::policy::Policy;
-use crate::storage::{Claim, Database, Sessions};
+use crate::storage::sqlite_guard::SqliteSandbox;
+use crate::storage::{Backend, Claim, Database, Sessions};
+
+/// What stands between a handler's SQL and the database.
+pub struct Guards {
+    /// The first filter: clear refusals, early.
+    pub policy: Arc<Policy>,
+    /// SQLite only: the authorizer and limits SQLite itself enforces.
+    pub sandbox: Option<Arc<SqliteSandbox>>,
+}
 
 /// Namespace of reply ids: `uuid5(REPLY_NAMESPACE, source + "\n" + id)`.
 const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_0a6e_2b7c_4c1e_9a43_e8a7_c7d3_b001);
@@ -38,8 +47,9 @@ pub struct Pipeline {
     /// Each handler's sessions, where its events' transactions run.
     sessions: Sessions,
     runtime: Runtime,
-    /// Each handler's SQL policy (the first filter), by handler name.
-    policies: HashMap<String, Arc<Policy>>,
+    /// Each handler's guards, by handler name: the SQL policy (the first
+    /// filter) and, on SQLite, the authorizer's sandbox (the wall).
+    guards: HashMap<String, Guards>,
     metrics: Arc<Metrics>,
 }
 
@@ -51,14 +61,31 @@ pub struct Processed {
 }
 
 impl Pipeline {
+    /// `tables`: each handler's tables, as the database records them
+    /// ([`Database::handler_tables`]); `schema_tables`: every table of an
+    /// SQLite database ([`Database::schema_tables`]).
     pub fn new(
         database: Database,
         sessions: Sessions,
         runtime: Runtime,
-        policies: HashMap<String, Arc<Policy>>,
+        tables: &HashMap<String, Vec<String>>,
+        schema_tables: &[String],
         metrics: Arc<Metrics>,
     ) -> Self {
-        Pipeline { database, sessions, runtime, policies, metrics }
+        let backend = database.backend();
+        let guards = runtime
+            .handlers()
+            .map(|handler| {
+                let own = tables.get(&handler.name).cloned().unwrap_or_default();
+                let sandbox = (backend == Backend::Sqlite)
+                    .then(|| {
+                        let sandbox = SqliteSandbox::new(own.clone(), handler.limits.max_result_bytes);
+                        Arc::new(sandbox.with_schema_tables(schema_tables.iter().cloned()))
+                    });
+                (handler.name.clone(), Guards { policy: Arc::new(Policy::new(backend, own)), sandbox })
+            })
+            .collect();
+        Pipeline { database, sessions, runtime, guards, metrics }
     }
 
     pub async fn process(&self, event: &CloudEvent) -> Result<Processed, Rejection> {
@@ -85,11 +112,10 @@ impl Pipeline {
         }
         let payload_sha256 = event.payload_sha256();
         let started = Instant::now();
-        let policy = self
-            .policies
+        let guards = self
+            .guards
             .get(&handler.name)
-            .cloned()
-            .ok_or_else(|| Rejection::Internal(format!("no SQL policy for handler {}", handler.name)))?;
+            .ok_or_else(|| Rejection::Internal(format!("no SQL guards for handler {}", handler.name)))?;
         let mut tx = self.sessions.begin(&handler.name).await?;
         let claimed = tx.claim(event, &handler.name, &payload_sha256).await;
         match claimed {
@@ -100,7 +126,7 @@ impl Pipeline {
                 if stored != payload_sha256 {
                     return Err(Rejection::KeyReused { event_source: event.source.clone(), id: event.id.clone() });
                 }
-                return Ok(Processed { answer, replay: true, handler: handler.name.clone() });
+                return Ok(Processed { answer: *answer, replay: true, handler: handler.name.clone() });
             }
             Err(rejection) => {
                 tx.rollback().await;
@@ -111,7 +137,7 @@ impl Pipeline {
         timings.database += started.elapsed();
 
         let started = Instant::now();
-        let (tx, verdict, statements_time) = self.runtime.run(handler, policy, event, tx).await;
+        let (tx, verdict, statements_time) = self.runtime.run(handler, guards, event, tx).await;
         timings.handler = Some(started.elapsed());
         timings.database += statements_time;
         let Some(mut tx) = tx else {

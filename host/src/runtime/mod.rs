@@ -229,6 +229,12 @@ impl Runtime {
         Ok(Runtime { engine, by_type })
     }
 
+    /// Every loaded handler, once each.
+    pub fn handlers(&self) -> impl Iterator<Item = &Arc<LoadedHandler>> {
+        let mut seen = std::collections::HashSet::new();
+        self.by_type.values().filter(move |handler| seen.insert(handler.name.clone()))
+    }
+
     pub fn route(&self, event_type: &str) -> Option<&Arc<LoadedHandler>> {
         self.by_type.get(event_type)
     }
@@ -238,13 +244,13 @@ impl Runtime {
     pub async fn run(
         &self,
         handler: &LoadedHandler,
-        policy: Arc<Policy>,
+        guards: &crate::pipeline::Guards,
         event: &CloudEvent,
         mut tx: EventTx,
     ) -> (Option<EventTx>, Result<types::Outcome, Rejection>, Duration) {
         let limits = handler.limits;
         let deadline = Instant::now() + limits.deadline;
-        if let Err(rejection) = tx.enter_handler(deadline).await {
+        if let Err(rejection) = tx.enter_handler(deadline, guards.sandbox.as_ref()).await {
             return (Some(tx), Err(rejection), Duration::ZERO);
         }
 
@@ -259,7 +265,7 @@ impl Runtime {
             .build();
         let state = EventState {
             tx: Some(tx),
-            policy,
+            policy: guards.policy.clone(),
             handler: Arc::from(handler.name.as_str()),
             event_source: event.source.clone(),
             event_id: event.id.clone(),

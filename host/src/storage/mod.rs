@@ -126,7 +126,7 @@ pub enum Claim {
     /// This delivery owns the event: run the handler.
     Owned,
     /// The event was committed before; here is what was stored.
-    Duplicate { payload_sha256: Vec<u8>, answer: Committed },
+    Duplicate { payload_sha256: Vec<u8>, answer: Box<Committed> },
 }
 
 /// Owner name under which the host's own migrations are recorded; handler
@@ -233,6 +233,19 @@ impl Database {
         match self {
             Database::Postgres(pool) => postgres::migrate(pool, manifest).await,
             Database::Sqlite(pool) => migrate_sqlite(pool, manifest).await,
+        }
+    }
+
+    /// Every table and view of an SQLite database (empty on PostgreSQL),
+    /// for [`sqlite_guard::SqliteSandbox::with_schema_tables`].
+    pub async fn schema_tables(&self) -> anyhow::Result<Vec<String>> {
+        match self {
+            Database::Postgres(_) => Ok(Vec::new()),
+            Database::Sqlite(pool) => {
+                Ok(sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+                    .fetch_all(pool)
+                    .await?)
+            }
         }
     }
 
@@ -515,7 +528,7 @@ impl EventTx {
             .map(|text| serde_json::from_str::<ReplyEvent>(&text))
             .transpose()
             .map_err(|e| Rejection::Internal(format!("stored reply cannot be read: {e}")))?;
-        Ok(Claim::Duplicate { payload_sha256, answer: Committed { status: status as u16, reply } })
+        Ok(Claim::Duplicate { payload_sha256, answer: Box::new(Committed { status: status as u16, reply }) })
     }
 
     /// Stores the answer on the claim row. It must update exactly one row:
@@ -606,6 +619,12 @@ impl EventTx {
                 }
             }
             EventTx::Sqlite(tx, _) => {
+                // Exactly one statement, prepared under the handler's
+                // authorizer: sqlx would run every statement of the text.
+                {
+                    let mut handle = tx.lock_handle().await.map_err(StatementError::from_sqlx)?;
+                    sqlite_guard::check_single_statement(&mut handle, &sql).map_err(StatementError::refused)?;
+                }
                 // Never from the connection's statement cache: a handler
                 // that sent the very text of one of the host's statements
                 // would otherwise run the host's compiled statement, which
@@ -622,13 +641,22 @@ impl EventTx {
         }
     }
 
-    /// Hands the transaction to a handler. On SQLite, install a progress
-    /// handler that interrupts any statement once the event's deadline has
-    /// passed (SQLite has no statement timeout of its own). On PostgreSQL the
+    /// Hands the transaction to a handler. On SQLite, install the handler's
+    /// authorizer and limits ([`sqlite_guard`]) and a progress handler that
+    /// interrupts any statement once the event's deadline has passed
+    /// (SQLite has no statement timeout of its own); without a sandbox for
+    /// the handler, every handler statement is refused. On PostgreSQL the
     /// session already is the handler's, with its statement timeout.
-    pub async fn enter_handler(&mut self, deadline: Instant) -> Result<(), Rejection> {
+    pub async fn enter_handler(
+        &mut self,
+        deadline: Instant,
+        sandbox: Option<&Arc<sqlite_guard::SqliteSandbox>>,
+    ) -> Result<(), Rejection> {
         if let EventTx::Sqlite(tx, _) = self {
             let mut handle = tx.lock_handle().await.map_err(classify)?;
+            if let Some(sandbox) = sandbox {
+                sqlite_guard::enter(&mut handle, sandbox);
+            }
             handle.set_progress_handler(10_000, move || Instant::now() < deadline);
         }
         Ok(())
@@ -637,7 +665,9 @@ impl EventTx {
     /// Takes the transaction back from the handler.
     pub async fn leave_handler(&mut self) -> Result<(), Rejection> {
         if let EventTx::Sqlite(tx, _) = self {
-            tx.lock_handle().await.map_err(classify)?.remove_progress_handler();
+            let mut handle = tx.lock_handle().await.map_err(classify)?;
+            handle.remove_progress_handler();
+            sqlite_guard::leave(&mut handle);
         }
         Ok(())
     }

@@ -36,8 +36,9 @@
 //! `UPDATE`, `DELETE`) of the handler's own tables in database `main`
 //! (names compared ASCII-case-insensitively; `sqlite_*` and `exactly_*`
 //! never, even if listed); calls of the functions in [`FUNCTIONS`]. SQLite
-//! does not report reads of subquery or CTE columns at all (they belong to
-//! no schema), so CTEs and subqueries need no rule of their own; a CTE
+//! reports reads of subquery or CTE columns, if at all, with no database
+//! (they belong to no schema: `count(*)` over a CTE reads it with an empty
+//! column), and such reads are allowed; a CTE
 //! that shadows a real table by name is checked as the real table where it
 //! is written to. Everything else is denied (`SQLITE_DENY`, the statement
 //! fails to prepare with "not authorized"): transactions and savepoints,
@@ -151,7 +152,11 @@ pub const FUNCTIONS: &[&str] = &[
     "first_value",
     "last_value",
     "nth_value",
-    // Date and time.
+    // Date and time (CURRENT_TIMESTAMP and friends reach the authorizer
+    // as functions of those names).
+    "current_date",
+    "current_time",
+    "current_timestamp",
     "date",
     "time",
     "datetime",
@@ -233,6 +238,9 @@ const SLOT: &CStr = c"exactly.sqlite_guard";
 pub struct SqliteSandbox {
     /// Lower-case names of the handler's tables.
     tables: HashSet<String>,
+    /// Lower-case names of every table and view of the database (see
+    /// [`SqliteSandbox::with_schema_tables`]).
+    schema_tables: HashSet<String>,
     functions: HashSet<&'static str>,
     max_value_bytes: c_int,
 }
@@ -244,9 +252,20 @@ impl SqliteSandbox {
     pub fn new(tables: impl IntoIterator<Item = String>, max_value_bytes: u64) -> Self {
         SqliteSandbox {
             tables: tables.into_iter().map(|t| t.to_ascii_lowercase()).collect(),
+            schema_tables: HashSet::new(),
             functions: FUNCTIONS.iter().copied().collect(),
             max_value_bytes: c_int::try_from(max_value_bytes).unwrap_or(c_int::MAX).max(1),
         }
+    }
+
+    /// Every table and view the database has (`sqlite_master`), so that a
+    /// read SQLite reports with no database (`count(*)` reads a real table
+    /// that way, as it does a CTE) is told apart: a name that is a real
+    /// table must be one of the handler's. DDL is denied to handlers, so the
+    /// set read at start-up stays true.
+    pub fn with_schema_tables(mut self, tables: impl IntoIterator<Item = String>) -> Self {
+        self.schema_tables = tables.into_iter().map(|t| t.to_ascii_lowercase()).collect();
+        self
     }
 
     fn allows_table(&self, table: Option<&str>, database: Option<&str>) -> bool {
@@ -261,6 +280,15 @@ impl SqliteSandbox {
     fn allows(&self, action: c_int, arg1: Option<&str>, arg2: Option<&str>, database: Option<&str>) -> bool {
         match action {
             ffi::SQLITE_SELECT | ffi::SQLITE_RECURSIVE => true,
+            // A read with no database: `count(*)` reports one for a CTE and
+            // for a real table alike. A CTE name is any name that is not a
+            // table of the database; a real table must be the handler's.
+            ffi::SQLITE_READ if database.is_none() => arg1.is_some_and(|name| {
+                let name = name.to_ascii_lowercase();
+                let real = self.schema_tables.contains(&name)
+                    || RESERVED_PREFIXES.iter().any(|prefix| name.starts_with(prefix));
+                !real || self.allows_table(Some(&name), Some("main"))
+            }),
             ffi::SQLITE_READ | ffi::SQLITE_INSERT | ffi::SQLITE_UPDATE | ffi::SQLITE_DELETE => {
                 self.allows_table(arg1, database)
             }

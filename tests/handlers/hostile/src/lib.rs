@@ -130,9 +130,11 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
                 "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10) \
                  SELECT repeat('x', 1048576) AS blob FROM c"
             } else {
-                // hex() of 512 KiB of zeros: 1 MiB of text.
-                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10) \
-                 SELECT hex(zeroblob(524288)) AS blob FROM c"
+                // A string doubled 20 times: 1 MiB of text (zeroblob and
+                // randomblob are not on SQLite's function allowlist).
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10), \
+                 s(v, n) AS (SELECT 'x', 0 UNION ALL SELECT v || v, n + 1 FROM s WHERE n < 20) \
+                 SELECT v AS blob FROM c, s WHERE n = 20"
             },
         ),
         "hostile.statements" => statements(tx, 100_000),
