@@ -124,6 +124,9 @@ pub enum LimitKind {
     StatementTimeout,
     Rows,
     ResultBytes,
+    /// A statement's parameters: more than `convert::MAX_PARAMS`, or more
+    /// bytes together than the handler's `max_result_bytes`.
+    Parameters,
     Statements,
     LogVolume,
 }
@@ -136,6 +139,7 @@ impl LimitKind {
             LimitKind::StatementTimeout => "statement-timeout",
             LimitKind::Rows => "too-many-rows",
             LimitKind::ResultBytes => "result-too-large",
+            LimitKind::Parameters => "too-many-parameters",
             LimitKind::Statements => "too-many-statements",
             LimitKind::LogVolume => "log-limit",
         }
@@ -148,6 +152,7 @@ impl LimitKind {
             LimitKind::StatementTimeout => "statement timeout",
             LimitKind::Rows => "rows-per-query",
             LimitKind::ResultBytes => "bytes-per-query",
+            LimitKind::Parameters => "parameters-per-statement",
             LimitKind::Statements => "statements-per-event",
             LimitKind::LogVolume => "log volume",
         }
