@@ -698,4 +698,22 @@ async fn quota_answers_503_and_retention_frees_it(backend: Backend) {
     // A young one stays.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(dead_letter_count(&app).await, 1, "a young dead letter is kept");
+
+    // A replayed dead letter no longer counts against the quota...
+    let replayed = format!("UPDATE {table} SET replayed_at = last_received_at");
+    assert_eq!(app.db.execute(&replayed, &[]).await, 1);
+    let third = Event::new("test.flaky").with_data(json!({"pad": "z".repeat(6000)}));
+    post_dead_letter(&app, &third, &failed).await.assert_accepted();
+    assert_eq!(dead_letter_count(&app).await, 2);
+    // ...and expires like the others.
+    assert_eq!(app.db.execute(&age, &[]).await, 2);
+    let started = std::time::Instant::now();
+    while dead_letter_count(&app).await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the expired dead letters (one replayed) were not swept\n{}",
+            app.stderr_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
