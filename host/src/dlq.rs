@@ -860,6 +860,17 @@ mod tests {
     }
 
     #[test]
+    fn the_quota_counts_data_extensions_and_attributes_and_answers_503() {
+        let dead = event(&[(ERROR_CODE, "500")]);
+        let extensions = r#"{"knativeerrorcode":"500"}"#;
+        // data "{}", the extensions' JSON, source, id, type, datacontenttype.
+        assert_eq!(stored_bytes(&dead, extensions), (2 + extensions.len() + 5 + 1 + 1 + 16) as u64);
+        let over = Rejection::DeadLetterQuota { size: 10, pending: 95, quota: 100 };
+        assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE, "never a 4xx: the dispatcher would drop it");
+        assert_eq!(over.code(), "dead-letter-quota");
+    }
+
+    #[test]
     fn error_data_is_decoded_when_it_is_base64_text() {
         assert_eq!(decode_error_data("eyJlcnJvciI6ICJ4In0="), r#"{"error": "x"}"#);
         assert_eq!(decode_error_data("not base64!"), "not base64!");

@@ -181,7 +181,11 @@ async fn sweep_dead_letters(database: &Database, window: Duration, batch: u32, m
 /// Deletes up to `batch` dead letters first received longer than `window`
 /// ago, replayed or not, oldest first through the `received_at` index; returns
 /// how many it deleted.
-pub async fn delete_expired_dead_letters(database: &Database, window: Duration, batch: u32) -> Result<u64, sqlx::Error> {
+pub async fn delete_expired_dead_letters(
+    database: &Database,
+    window: Duration,
+    batch: u32,
+) -> Result<u64, sqlx::Error> {
     let seconds = window.as_secs_f64();
     let deleted = match database {
         Database::Postgres(pool) => sqlx::query(

@@ -48,7 +48,8 @@ impl EventState {
         }
         // The parameters are bounded before anything of them is parsed or
         // bound (see `convert::check_params`).
-        if let Err(StatementError { error, blame }) = crate::convert::check_params(&params, self.limits.max_result_bytes) {
+        let checked = crate::convert::check_params(&params, self.limits.max_result_bytes);
+        if let Err(StatementError { error, blame }) = checked {
             tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
                 "handler statement refused before binding: {}", error.message);
             self.doom = Some(match blame {
