@@ -312,6 +312,19 @@ async fn oversized_statements_and_outcomes_are_refused_before_the_work(backend: 
             }
             report.case(&format!("{type_} over the bound"), problems);
         }
+        // PostgreSQL: a numeric result is refused by its size before it is
+        // decoded (a 100,000-digit one cost the host more than linear time).
+        if backend == Backend::Postgres {
+            let statement = |digits: u32| {
+                json!({"statements": [{"sql": format!("SELECT repeat('9', {digits})::numeric AS n"), "query": true}]})
+            };
+            let event = Event::new("hostile.sql").with_data(statement(1_000));
+            let (problems, _) = processed_with_result(&app, &event).await;
+            report.case("numeric result of 1,000 digits", problems);
+            let event = Event::new("hostile.sql").with_data(statement(100_000));
+            let problems = failed_and_left_nothing(&app, &event, 500, "statement-failed").await;
+            report.case("numeric result of 100,000 digits", problems);
+        }
     })
     .await;
     report.case("healthy traffic during the attacks", traffic);
