@@ -60,6 +60,16 @@ pub enum Rejection {
     Internal(String),
     #[error("exactly is shutting down")]
     ShuttingDown,
+    /// `POST /dead-letter` only: storing the dead letter would take the
+    /// bytes of dead letters not yet replayed past `--dead-letter-quota`.
+    /// 503, never 4xx: on a 4xx the Knative dispatcher commits the offset
+    /// and the dead letter is lost; on a 503 it retries, and a retry
+    /// succeeds once dead letters are replayed, deleted or expired.
+    #[error(
+        "the dead letter ({size} bytes) is not stored: dead letters not yet replayed already take {pending} bytes of the \
+         quota of {quota} (--dead-letter-quota); replay or delete some (exactly dlq) and the retry is stored"
+    )]
+    DeadLetterQuota { size: u64, pending: u64, quota: u64 },
 }
 
 impl Rejection {
@@ -75,7 +85,7 @@ impl Rejection {
             Retryable { .. } | Trap { .. } | Deadline { .. } | Limit { .. } | StatementFailed { .. } | Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            DatabaseUnavailable(_) | Busy(_) | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            DatabaseUnavailable(_) | Busy(_) | ShuttingDown | DeadLetterQuota { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -101,6 +111,7 @@ impl Rejection {
             Busy(_) => "busy",
             Internal(_) => "internal",
             ShuttingDown => "shutting-down",
+            DeadLetterQuota { .. } => "dead-letter-quota",
         }
     }
 
@@ -124,6 +135,9 @@ pub enum LimitKind {
     StatementTimeout,
     Rows,
     ResultBytes,
+    /// A statement's parameters: more than `convert::MAX_PARAMS`, or more
+    /// bytes together than the handler's `max_result_bytes`.
+    Parameters,
     Statements,
     LogVolume,
 }
@@ -136,6 +150,7 @@ impl LimitKind {
             LimitKind::StatementTimeout => "statement-timeout",
             LimitKind::Rows => "too-many-rows",
             LimitKind::ResultBytes => "result-too-large",
+            LimitKind::Parameters => "too-many-parameters",
             LimitKind::Statements => "too-many-statements",
             LimitKind::LogVolume => "log-limit",
         }
@@ -148,6 +163,7 @@ impl LimitKind {
             LimitKind::StatementTimeout => "statement timeout",
             LimitKind::Rows => "rows-per-query",
             LimitKind::ResultBytes => "bytes-per-query",
+            LimitKind::Parameters => "parameters-per-statement",
             LimitKind::Statements => "statements-per-event",
             LimitKind::LogVolume => "log volume",
         }

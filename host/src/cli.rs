@@ -174,6 +174,19 @@ struct ServeArgs {
     #[arg(long, env = "EXACTLY_RETENTION_BATCH", default_value_t = 1000)]
     retention_batch: u32,
 
+    /// Bytes the dead letters not yet replayed may take together (data,
+    /// extensions and attribute text); a dead letter that would pass it is
+    /// answered 503 (the dispatcher retries) and not stored. A redelivery of
+    /// a stored one is still accepted.
+    #[arg(long, env = "EXACTLY_DEAD_LETTER_QUOTA", default_value_t = crate::dlq::DEFAULT_QUOTA)]
+    dead_letter_quota: u64,
+
+    /// How long a dead letter is kept, replayed or not, counted from its
+    /// first delivery; the retention sweeper deletes older ones. `0` or
+    /// `off`: kept forever.
+    #[arg(long, env = "EXACTLY_DEAD_LETTER_RETENTION", default_value = "30d", value_parser = parse_retention)]
+    dead_letter_retention: RetentionWindow,
+
     /// Folder holding the `.cwasm` files `exactly compile --out-dir` wrote.
     /// Default: next to each `.wasm`.
     #[arg(long, env = "EXACTLY_PRECOMPILED_DIR")]
@@ -300,7 +313,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Compile before touching the database: a broken component should fail
     // the start-up at once, not after a migration.
     let runtime = Runtime::new(&manifest, limits, args.precompiled_dir.as_deref(), &metrics)?;
-    let retention = Retention { window: args.retention.0, interval: args.retention_interval, batch: args.retention_batch };
+    let retention = Retention {
+        window: args.retention.0,
+        dead_letter_window: args.dead_letter_retention.0,
+        interval: args.retention_interval,
+        batch: args.retention_batch,
+    };
     // Once the database is there: the sweeper, and the pipeline.
     let pipeline_metrics = metrics.clone();
     let start = move |opened: Opened, runtime| {
@@ -343,6 +361,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen,
         max_body_bytes: args.max_body_bytes,
         max_dead_letter_bytes: args.max_dead_letter_bytes.max(args.max_body_bytes),
+        dead_letter_quota: args.dead_letter_quota,
         shutdown_grace: args.shutdown_grace,
         body_read_timeout: args.body_read_timeout,
         startup,

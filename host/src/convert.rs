@@ -125,6 +125,82 @@ impl sqlx::Encode<'_, Postgres> for UntypedNull {
     }
 }
 
+/// Most parameters one handler statement may bind. PostgreSQL's protocol
+/// allows 65,535 and SQLite 32,766; a handler that needs more than a
+/// thousand is building a batch the host would rather see as several
+/// statements (each counted against `max_statements`).
+pub const MAX_PARAMS: usize = 1_000;
+
+/// Longest `numeric` parameter, in characters (bytes: the text must be
+/// ASCII to be a decimal anyway). Parsing decimal text into a big decimal
+/// costs more than linear time: a 4,000,000-digit parameter took 36 s on a
+/// tokio worker before this bound. PostgreSQL's own `numeric` keeps up to
+/// 131,072 digits before the point, so this is exactly's limit, not the
+/// database's; a handler that needs more can bind the value as text and
+/// cast it in SQL (`$1::numeric`), where the database's statement timeout
+/// bounds the work.
+pub const MAX_NUMERIC_CHARS: usize = 1_000;
+
+/// The most bytes a `numeric` of [`MAX_NUMERIC_CHARS`] digits takes in
+/// PostgreSQL's binary format: an 8-byte header, then 2 bytes per 4 decimal
+/// digits (plus one group on each side for the alignment to the point).
+const MAX_NUMERIC_WIRE_BYTES: usize = 8 + 2 * (MAX_NUMERIC_CHARS / 4 + 2);
+
+/// Longest `timestamp` parameter, in bytes. An RFC 3339 timestamp is at
+/// most about 35 bytes (nanoseconds and an offset); anything longer is not
+/// one, and is refused before it is parsed or quoted into a message.
+pub const MAX_TIMESTAMP_CHARS: usize = 64;
+
+/// Checks a handler statement's parameters before anything is parsed,
+/// converted or bound: at most [`MAX_PARAMS`] of them, together at most
+/// `max_bytes` (the handler's `max_result_bytes`: a statement's bytes are
+/// bounded the same way in and out, counted by [`value_size`]), each
+/// `numeric` at most [`MAX_NUMERIC_CHARS`] and each `timestamp` at most
+/// [`MAX_TIMESTAMP_CHARS`] long.
+///
+/// The count and the total are sandbox limits (500, like `max_rows` and
+/// `max_result_bytes`): they are the same kind of budget, the operator may
+/// raise the total per handler in the manifest, and a retry after that
+/// succeeds. An over-long `numeric` or `timestamp` is a conversion error
+/// like any other malformed value (the handler is told, and the event
+/// fails unless the handler answers an error of its own): no setting makes
+/// it valid.
+pub fn check_params(params: &[Value], max_bytes: u64) -> Result<(), StatementError> {
+    if params.len() > MAX_PARAMS {
+        return Err(StatementError::limit(
+            LimitKind::Parameters,
+            format!("the statement has {} parameters; exactly binds at most {MAX_PARAMS}", params.len()),
+        ));
+    }
+    let total: u64 = params.iter().map(value_size).sum();
+    if total > max_bytes {
+        return Err(StatementError::limit(
+            LimitKind::Parameters,
+            format!("the statement's parameters take {total} bytes; the handler's max_result_bytes is {max_bytes}"),
+        ));
+    }
+    for (index, param) in params.iter().enumerate() {
+        let n = index + 1;
+        match param {
+            Value::Numeric(text) if text.len() > MAX_NUMERIC_CHARS => {
+                return Err(StatementError::conversion(format!(
+                    "parameter ${n}: a numeric of {} characters; exactly takes at most {MAX_NUMERIC_CHARS} \
+                     (bind it as text and cast it in SQL if it must be longer)",
+                    text.len()
+                )));
+            }
+            Value::Timestamp(text) if text.len() > MAX_TIMESTAMP_CHARS => {
+                return Err(StatementError::conversion(format!(
+                    "parameter ${n}: a timestamp of {} characters is not an RFC 3339 timestamp (at most {MAX_TIMESTAMP_CHARS})",
+                    text.len()
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 type SqliteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
 
@@ -208,6 +284,16 @@ pub fn row_from_postgres(row: &PgRow) -> Result<Vec<Value>, StatementError> {
                 }
                 "BYTEA" => Value::Bytes(row.try_get(index).map_err(get)?),
                 "JSON" | "JSONB" => Value::Json(row.try_get::<serde_json::Value, _>(index).map_err(get)?.to_string()),
+                // Decoding a big numeric costs more than linear time (see
+                // MAX_NUMERIC_CHARS): refuse one longer than a parameter
+                // may be, by its wire size, before decoding it.
+                "NUMERIC" if raw.as_bytes().map_or(0, <[u8]>::len) > MAX_NUMERIC_WIRE_BYTES => {
+                    return Err(StatementError::conversion(format!(
+                        "column {:?} holds a numeric of more than {MAX_NUMERIC_CHARS} digits; cast it in SQL (e.g. `{}::text`)",
+                        column.name(),
+                        column.name()
+                    )));
+                }
                 "NUMERIC" => Value::Numeric(row.try_get::<BigDecimal, _>(index).map_err(get)?.to_string()),
                 "TIMESTAMPTZ" => Value::Timestamp(
                     row.try_get::<DateTime<Utc>, _>(index)
@@ -269,4 +355,45 @@ pub fn value_size(value: &Value) -> u64 {
         Value::Bytes(b) => b.len(),
     };
     payload as u64 + 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blame_is_limit(result: Result<(), StatementError>) -> bool {
+        matches!(result, Err(StatementError { blame: Blame::Limit(LimitKind::Parameters), .. }))
+    }
+
+    #[test]
+    fn parameter_count_and_bytes_are_bounded_before_binding() {
+        let many = vec![Value::Int(1); MAX_PARAMS];
+        assert!(check_params(&many, u64::MAX).is_ok());
+        let too_many = vec![Value::Int(1); MAX_PARAMS + 1];
+        assert!(blame_is_limit(check_params(&too_many, u64::MAX)));
+
+        let text = vec![Value::Text("x".repeat(1000))];
+        assert!(check_params(&text, 1008).is_ok());
+        assert!(blame_is_limit(check_params(&text, 1007)));
+    }
+
+    #[test]
+    fn long_numerics_and_timestamps_are_refused_before_parsing() {
+        let ok = vec![Value::Numeric("9".repeat(MAX_NUMERIC_CHARS))];
+        assert!(check_params(&ok, u64::MAX).is_ok());
+        // Four million digits: refused at once (parsing them took 36 s).
+        let started = std::time::Instant::now();
+        let huge = vec![Value::Numeric("9".repeat(4_000_000))];
+        let error = check_params(&huge, u64::MAX).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(matches!(error.blame, Blame::Handler));
+        assert_eq!(error.error.kind, DbErrorKind::Conversion);
+        assert!(error.error.message.contains("at most 1000"), "{}", error.error.message);
+        assert!(error.error.message.len() < 300, "the message quotes the value");
+
+        let long_time = vec![Value::Timestamp(format!("2026-01-01T00:00:00{}Z", "0".repeat(100)))];
+        let error = check_params(&long_time, u64::MAX).unwrap_err();
+        assert_eq!(error.error.kind, DbErrorKind::Conversion);
+        assert!(check_params(&[Value::Timestamp("2026-01-01T00:00:00.123456789+01:00".into())], u64::MAX).is_ok());
+    }
 }

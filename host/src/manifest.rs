@@ -58,6 +58,8 @@ pub struct LimitOverrides {
     pub max_statements: Option<u64>,
     pub max_log_bytes: Option<u64>,
     pub max_body_bytes: Option<u64>,
+    /// Bytes of an event's outcome: the JSON result plus the reply event.
+    pub max_reply_bytes: Option<u64>,
 }
 
 /// Durations as humane text: "10s", "250ms", "1m".

@@ -127,6 +127,10 @@ pub struct Metrics {
     limit_hits: Family<Labels<2>, Counter>,
     in_flight: Gauge,
     dead_letters: Counter,
+    dead_letters_over_quota: Counter,
+    dead_letters_expired: Counter,
+    dead_letters_oldest_age: Gauge<f64, AtomicU64>,
+    dead_letters_pending_bytes: Gauge,
     oldest_age: Gauge<f64, AtomicU64>,
     expired: Counter,
     handler_load: Family<Labels<2>, Gauge<f64, AtomicU64>>,
@@ -192,6 +196,30 @@ impl Metrics {
             "Dead-lettered events stored by the dead-letter path",
             dead_letters.clone(),
         );
+        let dead_letters_over_quota = Counter::default();
+        registry.register(
+            "dead_letters_over_quota",
+            "Dead letters answered 503 because storing them would exceed --dead-letter-quota",
+            dead_letters_over_quota.clone(),
+        );
+        let dead_letters_expired = Counter::default();
+        registry.register(
+            "dead_letters_expired",
+            "Dead letters (replayed or not) deleted by the retention sweeper after --dead-letter-retention",
+            dead_letters_expired.clone(),
+        );
+        let dead_letters_oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "dead_letters_oldest_age_seconds",
+            "Age of the oldest stored dead letter (0 when there is none), measured by the retention sweeper",
+            dead_letters_oldest_age.clone(),
+        );
+        let dead_letters_pending_bytes = Gauge::default();
+        registry.register(
+            "dead_letters_pending_bytes",
+            "Bytes of the dead letters not yet replayed, the total --dead-letter-quota bounds, measured by the retention sweeper",
+            dead_letters_pending_bytes.clone(),
+        );
         let oldest_age = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "processed_events_oldest_age_seconds",
@@ -244,6 +272,10 @@ impl Metrics {
             limit_hits,
             in_flight,
             dead_letters,
+            dead_letters_over_quota,
+            dead_letters_expired,
+            dead_letters_oldest_age,
+            dead_letters_pending_bytes,
             oldest_age,
             expired,
             handler_load,
@@ -303,6 +335,23 @@ impl Metrics {
     /// the row committed).
     pub fn dead_letter_stored(&self) {
         self.dead_letters.inc();
+    }
+
+    /// The dead-letter path answered 503: the quota is full.
+    pub fn dead_letter_over_quota(&self) {
+        self.dead_letters_over_quota.inc();
+    }
+
+    /// The retention sweeper deleted `rows` expired dead letters.
+    pub fn dead_letters_expired(&self, rows: u64) {
+        self.dead_letters_expired.inc_by(rows);
+    }
+
+    /// The retention sweeper's latest reading of the dead letters: the
+    /// oldest one's age and the bytes the quota counts.
+    pub fn set_dead_letters(&self, oldest_age: Duration, pending_bytes: u64) {
+        self.dead_letters_oldest_age.set(oldest_age.as_secs_f64());
+        self.dead_letters_pending_bytes.set(i64::try_from(pending_bytes).unwrap_or(i64::MAX));
     }
 
     /// The retention sweeper's latest reading of the oldest record's age.

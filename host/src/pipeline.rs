@@ -172,6 +172,9 @@ impl Pipeline {
 /// or 200 and the reply event with its deterministic id.
 fn prepare_answer(handler: &LoadedHandler, event: &CloudEvent, outcome: Outcome) -> Result<(Committed, String), Rejection> {
     let bad = |message: String| Rejection::BadOutcome { handler: handler.name.clone(), message };
+    // Before the result is parsed or the reply built: a handler could
+    // otherwise have the host store and replay an outcome of any size.
+    check_outcome_size(&outcome, handler.limits.max_reply_bytes).map_err(bad)?;
     serde_json::from_str::<serde::de::IgnoredAny>(&outcome.result)
         .map_err(|e| bad(format!("the result is not JSON: {e}")))?;
     let answer = match outcome.reply {
@@ -179,6 +182,35 @@ fn prepare_answer(handler: &LoadedHandler, event: &CloudEvent, outcome: Outcome)
         Some(reply) => Committed { status: 200, reply: Some(reply_event(handler, event, reply).map_err(bad)?) },
     };
     Ok((answer, outcome.result))
+}
+
+/// The bytes of an outcome as the host stores and answers it: the JSON
+/// result, and the reply event's data, attribute values and extension
+/// names and values (the fixed attributes the host adds are not counted).
+pub fn outcome_size(outcome: &Outcome) -> u64 {
+    let mut size = outcome.result.len();
+    if let Some(reply) = &outcome.reply {
+        size += reply.type_.len()
+            + reply.source.as_ref().map_or(0, String::len)
+            + reply.subject.as_ref().map_or(0, String::len)
+            + reply.datacontenttype.as_ref().map_or(0, String::len)
+            + reply.data.as_ref().map_or(0, Vec::len)
+            + reply.extensions.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>();
+    }
+    size as u64
+}
+
+/// The outcome is at most `max_bytes` (the handler's `max_reply_bytes`), or
+/// it is a bad outcome: 422, deterministic, since the same event makes the
+/// same handler return the same outcome again.
+fn check_outcome_size(outcome: &Outcome, max_bytes: u64) -> Result<(), String> {
+    let size = outcome_size(outcome);
+    if size > max_bytes {
+        return Err(format!(
+            "the result and reply event take {size} bytes; the handler's max_reply_bytes is {max_bytes}"
+        ));
+    }
+    Ok(())
 }
 
 fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent) -> Result<ReplyEvent, String> {
@@ -226,6 +258,28 @@ pub fn reply_id(source: &str, id: &str) -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reply(data: usize) -> EmittedEvent {
+        EmittedEvent {
+            type_: "t".into(),
+            source: None,
+            subject: None,
+            datacontenttype: None,
+            extensions: vec![("ext".into(), "v".repeat(10))],
+            data: Some(vec![b'x'; data]),
+        }
+    }
+
+    #[test]
+    fn outcomes_count_the_result_and_the_whole_reply() {
+        let outcome = Outcome { result: "{}".into(), reply: Some(reply(100)) };
+        assert_eq!(outcome_size(&outcome), 2 + 1 + 3 + 10 + 100);
+        assert!(check_outcome_size(&outcome, 116).is_ok());
+        let error = check_outcome_size(&outcome, 115).unwrap_err();
+        assert!(error.contains("max_reply_bytes is 115"), "{error}");
+        let big_result = Outcome { result: format!("\"{}\"", "x".repeat(2000)), reply: None };
+        assert!(check_outcome_size(&big_result, 1000).is_err());
+    }
 
     #[test]
     fn reply_ids_are_deterministic_and_distinct() {

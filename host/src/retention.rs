@@ -19,6 +19,14 @@
 //! sweep it measures the oldest record's age for
 //! `processed_events_oldest_age_seconds`; with retention off it still does
 //! that, so the growth is visible.
+//!
+//! Dead letters expire too, after `--dead-letter-retention` (default 30
+//! days) counted from their first delivery (`received_at`): replayed ones
+//! and ones never replayed alike, since `POST /dead-letter` is open to
+//! anyone who reaches the port and what it stores must not outlive a
+//! bounded window. The same sweep deletes them, in the same batches, and
+//! measures the oldest one's age and the bytes the quota counts
+//! (`dead_letters_oldest_age_seconds`, `dead_letters_pending_bytes`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +39,9 @@ use crate::storage::Database;
 pub struct Retention {
     /// Records older than this are deleted; `None`: kept forever.
     pub window: Option<Duration>,
+    /// Dead letters first received longer ago than this are deleted,
+    /// replayed or not; `None`: kept forever.
+    pub dead_letter_window: Option<Duration>,
     /// Time between two sweeps.
     pub interval: Duration,
     /// Most rows deleted by one statement.
@@ -59,6 +70,10 @@ pub fn spawn(database: Database, retention: Retention, metrics: Arc<Metrics>) {
         Some(window) => tracing::info!(window = ?window, interval = ?retention.interval, batch = retention.batch, "retention: records expire"),
         None => tracing::info!("retention is off: dedup records are kept forever"),
     }
+    match retention.dead_letter_window {
+        Some(window) => tracing::info!(window = ?window, "retention: dead letters expire, replayed or not"),
+        None => tracing::info!("dead-letter retention is off: dead letters are kept forever"),
+    }
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(retention.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -70,6 +85,13 @@ pub fn spawn(database: Database, retention: Retention, metrics: Arc<Metrics>) {
             match oldest_age(&database).await {
                 Ok(age) => metrics.set_oldest_processed_age(age.unwrap_or_default()),
                 Err(error) => tracing::debug!(%error, "retention: cannot read the oldest record's age"),
+            }
+            if let Some(window) = retention.dead_letter_window {
+                sweep_dead_letters(&database, window, retention.batch.max(1), &metrics).await;
+            }
+            match dead_letter_usage(&database).await {
+                Ok((age, bytes)) => metrics.set_dead_letters(age.unwrap_or_default(), bytes),
+                Err(error) => tracing::debug!(%error, "retention: cannot measure the dead letters"),
             }
         }
     });
@@ -130,6 +152,93 @@ pub async fn delete_expired(database: &Database, window: Duration, batch: u32) -
         .rows_affected(),
     };
     Ok(deleted)
+}
+
+/// Deletes every expired dead letter, one batch at a time.
+async fn sweep_dead_letters(database: &Database, window: Duration, batch: u32, metrics: &Metrics) {
+    let mut total = 0u64;
+    loop {
+        match delete_expired_dead_letters(database, window, batch).await {
+            Ok(deleted) => {
+                total += deleted;
+                metrics.dead_letters_expired(deleted);
+                if deleted < u64::from(batch) {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, deleted = total, "retention: deleting expired dead letters failed; trying again next sweep");
+                return;
+            }
+        }
+        tokio::time::sleep(BATCH_PAUSE).await;
+    }
+    if total > 0 {
+        tracing::info!(deleted = total, "retention: expired dead letters deleted");
+    }
+}
+
+/// Deletes up to `batch` dead letters first received longer than `window`
+/// ago, replayed or not, oldest first through the `received_at` index; returns
+/// how many it deleted.
+pub async fn delete_expired_dead_letters(
+    database: &Database,
+    window: Duration,
+    batch: u32,
+) -> Result<u64, sqlx::Error> {
+    let seconds = window.as_secs_f64();
+    let deleted = match database {
+        Database::Postgres(pool) => sqlx::query(
+            "DELETE FROM exactly.dead_letters WHERE dead_letter_id IN (
+                 SELECT dead_letter_id FROM exactly.dead_letters
+                 WHERE received_at < now() - make_interval(secs => $1)
+                 ORDER BY received_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(seconds)
+        .bind(i64::from(batch))
+        .execute(pool)
+        .await?
+        .rows_affected(),
+        Database::Sqlite(pool) => sqlx::query(
+            "DELETE FROM exactly_dead_letters WHERE dead_letter_id IN (
+                 SELECT dead_letter_id FROM exactly_dead_letters
+                 WHERE received_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))
+                 ORDER BY received_at LIMIT ?2)",
+        )
+        .bind(seconds)
+        .bind(i64::from(batch))
+        .execute(pool)
+        .await?
+        .rows_affected(),
+    };
+    Ok(deleted)
+}
+
+/// Age of the oldest dead letter (`None` when there is none) and the bytes
+/// of the dead letters not yet replayed (what the quota counts).
+pub async fn dead_letter_usage(database: &Database) -> Result<(Option<Duration>, u64), sqlx::Error> {
+    let (seconds, bytes): (Option<f64>, i64) = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_as(
+                "SELECT EXTRACT(EPOCH FROM now() - min(received_at))::float8,
+                        coalesce(sum(stored_bytes) FILTER (WHERE replayed_at IS NULL), 0)::bigint
+                 FROM exactly.dead_letters",
+            )
+            .fetch_one(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as(
+                "SELECT (julianday('now') - julianday(min(received_at))) * 86400.0,
+                        coalesce(sum(CASE WHEN replayed_at IS NULL THEN stored_bytes END), 0)
+                 FROM exactly_dead_letters",
+            )
+            .fetch_one(pool)
+            .await?
+        }
+    };
+    Ok((seconds.map(|seconds| Duration::from_secs_f64(seconds.max(0.0))), u64::try_from(bytes).unwrap_or(0)))
 }
 
 /// Age of the oldest record, `None` when there is none.

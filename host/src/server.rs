@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Body limit of `POST /dead-letter` (at least `max_body_bytes`).
     pub max_dead_letter_bytes: usize,
+    /// Bytes the dead letters not yet replayed may take together
+    /// (`--dead-letter-quota`, see [`dlq::store`]).
+    pub dead_letter_quota: u64,
     pub shutdown_grace: Duration,
     pub startup: Startup,
     pub metrics: Arc<Metrics>,
@@ -87,6 +90,7 @@ struct App {
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
     max_dead_letter_bytes: usize,
+    dead_letter_quota: u64,
     body_read_timeout: Duration,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -105,6 +109,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         metrics: config.metrics,
         max_body_bytes: config.max_body_bytes,
         max_dead_letter_bytes: config.max_dead_letter_bytes,
+        dead_letter_quota: config.dead_letter_quota,
         body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
@@ -395,8 +400,14 @@ impl App {
         let app = self.clone();
         let task = tokio::spawn(async move {
             let pipeline = app.pipeline.get().expect("checked before the body was read");
-            let result = dlq::store(&pipeline.database, &event).await;
-            if let Err(rejection) = &result {
+            let result = dlq::store(&pipeline.database, &event, app.dead_letter_quota).await;
+            if let Err(rejection @ Rejection::DeadLetterQuota { .. }) = &result {
+                app.metrics.dead_letter_over_quota();
+                tracing::warn!(
+                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
+                    error = rejection.code(), "dead letter over quota, not stored, retry expected: {rejection}"
+                );
+            } else if let Err(rejection) = &result {
                 tracing::warn!(
                     source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
                     error = rejection.code(), "dead letter not stored, retry expected: {rejection}"

@@ -118,6 +118,8 @@ pub struct HandlerLimits {
     pub max_log_bytes: Option<u64>,
     /// Wasm fuel per event; 0 turns metering off.
     pub fuel: Option<u64>,
+    /// Bytes of the outcome: the JSON result plus the reply event.
+    pub max_reply_bytes: Option<u64>,
 }
 
 impl HandlerLimits {
@@ -139,6 +141,7 @@ impl HandlerLimits {
         push("max_statements", number(self.max_statements));
         push("max_log_bytes", number(self.max_log_bytes));
         push("fuel", number(self.fuel));
+        push("max_reply_bytes", number(self.max_reply_bytes));
         lines
     }
 }
@@ -217,6 +220,12 @@ pub const HOSTILE_TYPES: &[&str] = &[
     "hostile.rows",
     "hostile.big-result",
     "hostile.statements",
+    "hostile.many-params",
+    "hostile.big-param",
+    "hostile.long-numeric",
+    "hostile.long-sql",
+    "hostile.big-reply",
+    "hostile.big-outcome",
     "hostile.read-file",
     "hostile.env",
     "hostile.socket",

@@ -24,6 +24,7 @@ both_backends!(
     malformed_dead_letters_are_refused,
     busy_database_answers_503_and_stores_nothing,
     dead_letters_may_be_larger_than_events,
+    quota_answers_503_and_retention_frees_it,
 );
 
 /// What the Knative dispatcher adds to the event it dead-letters, after
@@ -619,4 +620,100 @@ async fn dead_letters_may_be_larger_than_events(backend: Backend) {
         .await
         .assert_error(413, "payload-too-large");
     assert_eq!(list_json(app.env(), &[]).await.len(), 1);
+}
+
+/// How many dead letters are stored.
+async fn dead_letter_count(app: &TestApp) -> usize {
+    let sql = format!("SELECT CAST(count(*) AS TEXT) FROM {}", app.backend().dead_letters_table());
+    app.db.rows(&sql, &[]).await[0][0]
+        .as_deref()
+        .and_then(|n| n.parse().ok())
+        .expect("a count")
+}
+
+/// `--dead-letter-quota`: a new dead letter that would take the pending
+/// total past the quota gets a retryable 503 `dead-letter-quota` and is not
+/// stored; a redelivery of a stored one is still accepted; once the
+/// retention sweeper expired the old one (`--dead-letter-retention`), the
+/// refused one is stored on its retry. Ages are made: `received_at` is moved
+/// back with the test's own connection.
+async fn quota_answers_503_and_retention_frees_it(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let flags = [
+        "--dead-letter-quota",
+        "10000",
+        "--dead-letter-retention",
+        "1h",
+        "--retention-interval",
+        "100ms",
+    ];
+    let app = env.serve_with_flags(&flags).await;
+    let first = Event::new("test.flaky").with_data(json!({"pad": "x".repeat(6000)}));
+    let failed = fail_first(&app, &first).await;
+    post_dead_letter(&app, &first, &failed).await.assert_accepted();
+    assert_eq!(dead_letter_count(&app).await, 1);
+
+    // A second one of the same size would pass 10,000 bytes.
+    let second = Event::new("test.flaky").with_data(json!({"pad": "y".repeat(6000)}));
+    let refused = post_dead_letter(&app, &second, &failed).await;
+    refused.assert_error(503, "dead-letter-quota");
+    assert_eq!(dead_letter_count(&app).await, 1, "nothing of the refused dead letter is stored");
+
+    // Over the quota (as after a race, or a lowered quota): a redelivery of
+    // the stored one only counts a delivery, and is accepted.
+    let table = app.backend().dead_letters_table();
+    app.db.execute(&format!("UPDATE {table} SET stored_bytes = 20000"), &[]).await;
+    post_dead_letter(&app, &first, &failed).await.assert_accepted();
+    let rows = stored_rows(&app, &first).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][3].as_deref(), Some("2"), "the redelivery is counted");
+    post_dead_letter(&app, &second, &failed)
+        .await
+        .assert_error(503, "dead-letter-quota");
+
+    let metrics = app.metrics().await;
+    assert_eq!(metrics.value("dead_letters_over_quota_total", &[]), 2.0);
+
+    // Two hours old: the sweeper deletes it (never replayed), and the quota
+    // is free again.
+    let age = match backend {
+        Backend::Postgres => format!("UPDATE {table} SET received_at = now() - interval '2 hours'"),
+        Backend::Sqlite => {
+            format!("UPDATE {table} SET received_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-7200 seconds')")
+        }
+    };
+    assert_eq!(app.db.execute(&age, &[]).await, 1);
+    let started = std::time::Instant::now();
+    while dead_letter_count(&app).await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the expired dead letter was not swept\n{}",
+            app.stderr_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(app.metrics().await.value("dead_letters_expired_total", &[]) >= 1.0);
+    post_dead_letter(&app, &second, &failed).await.assert_accepted();
+    assert_eq!(dead_letter_count(&app).await, 1);
+    // A young one stays.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(dead_letter_count(&app).await, 1, "a young dead letter is kept");
+
+    // A replayed dead letter no longer counts against the quota...
+    let replayed = format!("UPDATE {table} SET replayed_at = last_received_at");
+    assert_eq!(app.db.execute(&replayed, &[]).await, 1);
+    let third = Event::new("test.flaky").with_data(json!({"pad": "z".repeat(6000)}));
+    post_dead_letter(&app, &third, &failed).await.assert_accepted();
+    assert_eq!(dead_letter_count(&app).await, 2);
+    // ...and expires like the others.
+    assert_eq!(app.db.execute(&age, &[]).await, 2);
+    let started = std::time::Instant::now();
+    while dead_letter_count(&app).await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the expired dead letters (one replayed) were not swept\n{}",
+            app.stderr_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -38,6 +38,7 @@ both_backends!(
     no_ambient_capabilities,
     runaway_handlers_are_stopped,
     floods_and_huge_results_are_cut_off,
+    oversized_statements_and_outcomes_are_refused_before_the_work,
     endless_statement_is_cancelled,
 );
 
@@ -53,6 +54,7 @@ fn small_limits() -> HandlerLimits {
         max_statements: Some(1_000),
         max_log_bytes: Some(1024 * 1024),
         fuel: None,
+        max_reply_bytes: None,
     }
 }
 
@@ -250,6 +252,78 @@ async fn floods_and_huge_results_are_cut_off(backend: Backend) {
                 type_,
                 failed_and_left_nothing(&app, &event, status, code).await,
             );
+        }
+    })
+    .await;
+    report.case("healthy traffic during the attacks", traffic);
+    report.finish();
+}
+
+/// What a handler hands the host is bounded before the host works on it:
+/// parameters (count, bytes, `numeric` length), SQL length (with the SQL
+/// policy off, so the bound is the host's, not the filter's) and the
+/// outcome (result plus reply). Each attack has a control just under the
+/// bound that commits, so the bound, not something else, is what stops it.
+async fn oversized_statements_and_outcomes_are_refused_before_the_work(backend: Backend) {
+    let app = spawn_unfiltered(backend).await;
+    let mut report = Report::new(backend);
+    control(&app, &mut report).await;
+
+    let ((), traffic) = with_healthy_traffic(&app, async {
+        // Just under each bound: processed (the reply one answers 200).
+        for (type_, data) in [
+            ("hostile.many-params", json!({"n": 1_000})),
+            ("hostile.big-param", json!({"bytes": 1024 * 1024})),
+            ("hostile.long-numeric", json!({"digits": 1_000})),
+            ("hostile.long-sql", json!({"bytes": 60 * 1024})),
+            ("hostile.big-outcome", json!({"bytes": 1_000_000})),
+        ] {
+            let event = Event::new(type_).with_data(data);
+            let (problems, _) = processed_with_result(&app, &event).await;
+            report.case(&format!("{type_} under the bound"), problems);
+        }
+        let event = Event::new("hostile.big-reply").with_data(json!({"bytes": 1_000_000}));
+        let answer = app.send_binary(&event).await;
+        let problems = if answer.status == 200 && answer.body.len() == 1_000_000 {
+            Vec::new()
+        } else {
+            vec![format!("expected 200 with the reply, got {}", summary(&answer))]
+        };
+        report.case("hostile.big-reply under the bound", problems);
+
+        // Over each bound: the event fails and nothing of it commits.
+        for (type_, data, status, code) in [
+            ("hostile.many-params", json!({"n": 1_001}), 500, "too-many-parameters"),
+            // small_limits: max_result_bytes is 4 MiB.
+            ("hostile.big-param", json!({"bytes": 5 * 1024 * 1024}), 500, "too-many-parameters"),
+            // Four million digits took 36 s to parse on a tokio worker.
+            ("hostile.long-numeric", json!({"digits": 4_000_000}), 500, "statement-failed"),
+            ("hostile.long-sql", json!({"bytes": 5 * 1024 * 1024}), 422, "statement-refused"),
+            // max_reply_bytes defaults to 1 MiB.
+            ("hostile.big-reply", json!({"bytes": 8 * 1024 * 1024}), 422, "bad-outcome"),
+            ("hostile.big-outcome", json!({"bytes": 2 * 1024 * 1024}), 422, "bad-outcome"),
+        ] {
+            let event = Event::new(type_).with_data(data);
+            let started = std::time::Instant::now();
+            let mut problems = failed_and_left_nothing(&app, &event, status, code).await;
+            // The deadline is 2 s: the work must not even start.
+            if started.elapsed() > Duration::from_secs(5) {
+                problems.push(format!("took {:?}", started.elapsed()));
+            }
+            report.case(&format!("{type_} over the bound"), problems);
+        }
+        // PostgreSQL: a numeric result is refused by its size before it is
+        // decoded (a 100,000-digit one cost the host more than linear time).
+        if backend == Backend::Postgres {
+            let statement = |digits: u32| {
+                json!({"statements": [{"sql": format!("SELECT repeat('9', {digits})::numeric AS n"), "query": true}]})
+            };
+            let event = Event::new("hostile.sql").with_data(statement(1_000));
+            let (problems, _) = processed_with_result(&app, &event).await;
+            report.case("numeric result of 1,000 digits", problems);
+            let event = Event::new("hostile.sql").with_data(statement(100_000));
+            let problems = failed_and_left_nothing(&app, &event, 500, "statement-failed").await;
+            report.case("numeric result of 100,000 digits", problems);
         }
     })
     .await;

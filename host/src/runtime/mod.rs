@@ -67,12 +67,19 @@ pub struct HandlerLimits {
     pub max_statements: u64,
     pub max_log_bytes: u64,
     pub max_body_bytes: u64,
+    /// Bytes of the outcome the host stores and answers: the handler's JSON
+    /// result plus its reply event (data, attribute values, extension names
+    /// and values); see `pipeline::outcome_size`.
+    pub max_reply_bytes: u64,
 }
 
 pub const DEFAULT_MAX_ROWS: u64 = 10_000;
 pub const DEFAULT_MAX_RESULT_BYTES: u64 = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_STATEMENTS: u64 = 1_000;
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 1024 * 1024;
+/// 1 MiB: the outcome is stored with the claim and sent again on every
+/// redelivery, so it is kept to the size of an ordinary event.
+pub const DEFAULT_MAX_REPLY_BYTES: u64 = 1024 * 1024;
 
 impl HandlerLimits {
     fn resolve(spec: &HandlerSpec, defaults: &Limits) -> anyhow::Result<Self> {
@@ -91,6 +98,7 @@ impl HandlerLimits {
             max_statements: o.max_statements.unwrap_or(DEFAULT_MAX_STATEMENTS),
             max_log_bytes: o.max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
             max_body_bytes: o.max_body_bytes.unwrap_or(defaults.max_body_bytes).min(defaults.max_body_bytes),
+            max_reply_bytes: o.max_reply_bytes.unwrap_or(DEFAULT_MAX_REPLY_BYTES),
         })
     }
 }

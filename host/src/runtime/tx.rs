@@ -31,6 +31,33 @@ impl EventState {
             self.doom = Some(Doom::Limit(LimitKind::Statements, message.clone()));
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message });
         }
+        // The SQL text's length is bounded here, before the policy reads it
+        // and whether or not the policy is on: the policy's parser (and, with
+        // it off, the database's) would otherwise pay for any length. A
+        // refusal (422), as the policy answers it: no setting raises it.
+        if sql.len() > crate::policy::MAX_SQL_BYTES {
+            let message = format!(
+                "refused {:?}: the statement is {} bytes long; exactly takes statements of at most {} bytes",
+                shorten(&sql),
+                sql.len(),
+                crate::policy::MAX_SQL_BYTES
+            );
+            tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{message}");
+            self.doom = Some(Doom::Refused(message.clone()));
+            return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
+        }
+        // The parameters are bounded before anything of them is parsed or
+        // bound (see `convert::check_params`).
+        let checked = crate::convert::check_params(&params, self.limits.max_result_bytes);
+        if let Err(StatementError { error, blame }) = checked {
+            tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
+                "handler statement refused before binding: {}", error.message);
+            self.doom = Some(match blame {
+                Blame::Limit(kind) => Doom::Limit(kind, error.message.clone()),
+                _ => Doom::Failed(error.message.clone()),
+            });
+            return Err(error);
+        }
         // Test-only (feature sql-policy-switch, EXACTLY_TEST_SQL_POLICY=off):
         // no policy, the database alone is the wall.
         #[cfg(feature = "sql-policy-switch")]

@@ -122,6 +122,9 @@ pub enum EventTx {
 }
 
 /// The outcome of claiming `(source, id)`.
+// One per event, returned and matched at once, never stored: boxing the
+// stored answer would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Claim {
     /// This delivery owns the event: run the handler.
     Owned,
@@ -139,6 +142,7 @@ static HOST_MIGRATIONS_SQLITE: &[(&str, &str)] = &[
     ("0001_processed_events.sql", include_str!("../../migrations/sqlite/0001_processed_events.sql")),
     ("0002_dead_letters.sql", include_str!("../../migrations/sqlite/0002_dead_letters.sql")),
     ("0003_table_owners.sql", include_str!("../../migrations/sqlite/0003_table_owners.sql")),
+    ("0004_dead_letter_quota.sql", include_str!("../../migrations/sqlite/0004_dead_letter_quota.sql")),
 ];
 
 impl Database {

@@ -47,6 +47,7 @@ pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
     ("0001_processed_events.sql", include_str!("../../migrations/postgres/0001_processed_events.sql")),
     ("0002_dead_letters.sql", include_str!("../../migrations/postgres/0002_dead_letters.sql")),
     ("0003_wall.sql", include_str!("../../migrations/postgres/0003_wall.sql")),
+    ("0004_dead_letter_quota.sql", include_str!("../../migrations/postgres/0004_dead_letter_quota.sql")),
 ];
 
 /// The 32-byte key of `exactly.secret`. A proof for `(source, id)` is

@@ -32,6 +32,12 @@
 //! | `hostile.rows` | a query returning 10 million rows | 500 `too-many-rows` |
 //! | `hostile.big-result` | a query returning 10 rows of 1 MiB each | 500 `result-too-large` |
 //! | `hostile.statements` | 100,000 `SELECT 1` statements | 500 `too-many-statements` |
+//! | `hostile.many-params` | `SELECT $1 + … + $n` with `n` (data `{"n": …}`) integer parameters | 500 `too-many-parameters` when `n` > 1,000 |
+//! | `hostile.big-param` | one text parameter of `bytes` (data) bytes | 500 `too-many-parameters` when over `max_result_bytes` |
+//! | `hostile.long-numeric` | one `numeric` parameter of `digits` (data) digits | 500 `statement-failed` when over 1,000 |
+//! | `hostile.long-sql` | `SELECT 1` followed by a comment, `bytes` (data) long in all | 422 `statement-refused` when over 64 KiB |
+//! | `hostile.big-reply` | a reply event with `bytes` (data) bytes of data | 422 `bad-outcome` when over `max_reply_bytes` |
+//! | `hostile.big-outcome` | a JSON result of `bytes` (data) bytes | 422 `bad-outcome` when over `max_reply_bytes` |
 //! | `hostile.read-file` | reads `/etc/passwd`, lists `/`, writes `/tmp` | 202, every operation failed |
 //! | `hostile.env` | reads `HOME`, the environment and the arguments | 202, all empty |
 //! | `hostile.socket` | TCP connect, UDP send and a name lookup to the ports in the data | 202, every operation failed |
@@ -56,7 +62,7 @@
 
 use std::hint::black_box;
 
-use exactly_guest::{Backend, DbError, Error, Event, Outcome, Tx, Value, log, params};
+use exactly_guest::{Backend, DbError, Error, Event, Outcome, Reply, Tx, Value, log, params};
 use serde_json::{Value as Json, json};
 
 exactly_guest::export_handler!(handle);
@@ -139,6 +145,37 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
         ),
         "hostile.statements" => statements(tx, 100_000),
 
+        // What a handler makes the host do before any limit of the
+        // database applies: sizes from the event's data.
+        "hostile.many-params" => {
+            let n = size(&event, "n")?;
+            let sql = format!(
+                "SELECT {} AS n",
+                (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(" + ")
+            );
+            let params: Vec<Value> = (0..n).map(|_| Value::Int(1)).collect();
+            statement(tx, &sql, &params)
+        }
+        "hostile.big-param" => {
+            let text = "x".repeat(size(&event, "bytes")?);
+            statement(tx, "SELECT length($1) AS n", &[Value::Text(text)])
+        }
+        "hostile.long-numeric" => {
+            let digits = "9".repeat(size(&event, "digits")?);
+            statement(tx, "SELECT 1 AS n WHERE $1 IS NOT NULL", &[Value::numeric(digits)])
+        }
+        "hostile.long-sql" => {
+            let bytes = size(&event, "bytes")?;
+            let sql = format!("SELECT 1 AS n /*{}*/", "x".repeat(bytes.saturating_sub(17)));
+            statement(tx, &sql, &[])
+        }
+        "hostile.big-reply" => {
+            let data = vec![b'x'; size(&event, "bytes")?];
+            return Ok(Outcome::json(json!({ "reply_bytes": data.len() }))
+                .with_reply(Reply::new("hostile.reply").data("application/octet-stream", data)));
+        }
+        "hostile.big-outcome" => json!({ "padding": "x".repeat(size(&event, "bytes")?) }),
+
         // Ambient capabilities a handler must not have.
         "hostile.read-file" => files(),
         "hostile.env" => environment(),
@@ -154,6 +191,30 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
         }
     };
     Ok(Outcome::json(result))
+}
+
+/// A size from the event's data: `{"<name>": n}`.
+fn size(event: &Event, name: &str) -> Result<usize, Error> {
+    let data: Json = event.data_json()?;
+    data.get(name)
+        .and_then(Json::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| Error::permanent(format!("data.{name} must be a number")))
+}
+
+/// Runs `sql` with `params` as a query, ignoring any error; the result
+/// leaves the SQL out (it may be huge).
+fn statement(tx: &Tx, sql: &str, params: &[Value]) -> Json {
+    match tx.query(sql, params) {
+        Ok(rows) => {
+            log::error!("a statement of {} bytes with {} parameters was accepted", sql.len(), params.len());
+            json!({ "rows": rows.len() })
+        }
+        Err(error) => {
+            log::warn!("the statement failed, ignoring it: {error}");
+            json!({ "error": describe_db_error(&error) })
+        }
+    }
 }
 
 /// Runs `sql` with `execute`, ignoring any error.
