@@ -122,8 +122,6 @@ pub enum EventTx {
 }
 
 /// The outcome of claiming `(source, id)`.
-// One per event, returned and matched at once, never stored: boxing the
-// stored answer would buy nothing.
 pub enum Claim {
     /// This delivery owns the event: run the handler.
     Owned,
