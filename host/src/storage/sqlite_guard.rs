@@ -752,10 +752,16 @@ mod tests {
 
     #[test]
     fn sqlite_guard_sandbox_rules() {
-        let sandbox = SqliteSandbox::new(["Own".to_string(), "exactly_x".to_string()], 10);
+        let sandbox = SqliteSandbox::new(["Own".to_string(), "exactly_x".to_string()], 10)
+            .with_schema_tables(["own", "Other", "exactly_x"].map(String::from));
         assert!(sandbox.allows(ffi::SQLITE_READ, Some("OWN"), Some("k"), Some("main")));
         assert!(!sandbox.allows(ffi::SQLITE_READ, Some("own"), Some("k"), Some("temp")));
-        assert!(!sandbox.allows(ffi::SQLITE_READ, Some("own"), Some("k"), None));
+        // No database: `count(*)` over a CTE, or over a real table.
+        assert!(sandbox.allows(ffi::SQLITE_READ, Some("own"), Some(""), None));
+        assert!(sandbox.allows(ffi::SQLITE_READ, Some("some_cte"), Some(""), None));
+        assert!(!sandbox.allows(ffi::SQLITE_READ, Some("other"), Some(""), None));
+        assert!(!sandbox.allows(ffi::SQLITE_READ, Some("sqlite_master"), Some(""), None));
+        assert!(!sandbox.allows(ffi::SQLITE_READ, Some("exactly_x"), Some(""), None));
         assert!(!sandbox.allows(ffi::SQLITE_READ, None, None, Some("main")));
         assert!(!sandbox.allows(ffi::SQLITE_INSERT, Some("exactly_x"), None, Some("main")));
         assert!(sandbox.allows(ffi::SQLITE_FUNCTION, None, Some("JSON_EXTRACT"), None));
