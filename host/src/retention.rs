@@ -99,25 +99,47 @@ pub fn spawn(database: Database, retention: Retention, metrics: Arc<Metrics>) {
 
 /// Deletes every expired record, one batch at a time.
 async fn sweep(database: &Database, window: Duration, batch: u32, metrics: &Metrics) {
+    sweep_in_batches("dedup records", batch, || delete_expired(database, window, batch), |deleted| {
+        metrics.processed_events_expired(deleted)
+    })
+    .await
+}
+
+/// Deletes every expired dead letter, one batch at a time.
+async fn sweep_dead_letters(database: &Database, window: Duration, batch: u32, metrics: &Metrics) {
+    sweep_in_batches("dead letters", batch, || delete_expired_dead_letters(database, window, batch), |deleted| {
+        metrics.dead_letters_expired(deleted)
+    })
+    .await
+}
+
+/// Runs `delete` (one batch of at most `batch` rows) until a batch comes
+/// back short, pausing between batches; counts each batch with `count`. A
+/// failure ends this sweep; the next one tries again.
+async fn sweep_in_batches<F, Fut>(what: &str, batch: u32, mut delete: F, count: impl Fn(u64))
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
     let mut total = 0u64;
     loop {
-        match delete_expired(database, window, batch).await {
+        match delete().await {
             Ok(deleted) => {
                 total += deleted;
-                metrics.processed_events_expired(deleted);
+                count(deleted);
                 if deleted < u64::from(batch) {
                     break;
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, deleted = total, "retention: deleting expired records failed; trying again next sweep");
+                tracing::warn!(%error, deleted = total, "retention: deleting expired {what} failed; trying again next sweep");
                 return;
             }
         }
         tokio::time::sleep(BATCH_PAUSE).await;
     }
     if total > 0 {
-        tracing::info!(deleted = total, "retention: expired dedup records deleted");
+        tracing::info!(deleted = total, "retention: expired {what} deleted");
     }
 }
 
@@ -152,30 +174,6 @@ pub async fn delete_expired(database: &Database, window: Duration, batch: u32) -
         .rows_affected(),
     };
     Ok(deleted)
-}
-
-/// Deletes every expired dead letter, one batch at a time.
-async fn sweep_dead_letters(database: &Database, window: Duration, batch: u32, metrics: &Metrics) {
-    let mut total = 0u64;
-    loop {
-        match delete_expired_dead_letters(database, window, batch).await {
-            Ok(deleted) => {
-                total += deleted;
-                metrics.dead_letters_expired(deleted);
-                if deleted < u64::from(batch) {
-                    break;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, deleted = total, "retention: deleting expired dead letters failed; trying again next sweep");
-                return;
-            }
-        }
-        tokio::time::sleep(BATCH_PAUSE).await;
-    }
-    if total > 0 {
-        tracing::info!(deleted = total, "retention: expired dead letters deleted");
-    }
 }
 
 /// Deletes up to `batch` dead letters first received longer than `window`

@@ -78,7 +78,7 @@ async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
             .await;
     }
     db.execute(
-        "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.prepare_handler_roles, \
+        "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.event_proof, exactly.prepare_handler_roles, \
          exactly.grant_handler_tables, exactly.reassign_table",
         &[],
     )

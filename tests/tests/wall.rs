@@ -773,6 +773,11 @@ async fn functions_that_run_sql_strings(backend: Backend, policy: Policy) {
         "SELECT schema_to_xml('exactly', true, true, '')",
         "SELECT database_to_xml(true, true, '')",
         "SELECT xpath('/row', query_to_xml('WITH d AS (DELETE FROM exactly.processed_events RETURNING 1) SELECT 1 FROM d', true, false, ''))",
+        // The host's bookkeeping functions: a proof the handler computes
+        // itself, or a forged one, must get it nothing.
+        "SELECT exactly.event_proof('urn:x', 'forged')",
+        "SELECT * FROM exactly.claim_event('urn:x', 'forged', 't', 'hostile', '\\x00', '\\x00')",
+        "SELECT exactly.store_answer('urn:x', 'forged', '\\x00', 202::smallint, NULL, '{}')",
     ] {
         stopped(&app, sql, vec![q(sql)]).await;
         assert_eq!(

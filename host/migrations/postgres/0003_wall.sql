@@ -20,6 +20,18 @@ CREATE TABLE exactly.secret (
 INSERT INTO exactly.secret (key) VALUES (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()));
 REVOKE ALL ON exactly.secret FROM PUBLIC;
 
+-- The proof of (source, id). Called only by the two functions below (as
+-- the host's account); EXECUTE revoked from PUBLIC.
+CREATE FUNCTION exactly.event_proof(p_source text, p_id text)
+RETURNS bytea
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT sha256(s.key || sha256(sha256(convert_to(p_source, 'UTF8')) || sha256(convert_to(p_id, 'UTF8'))))
+    FROM exactly.secret s
+$$;
+REVOKE ALL ON FUNCTION exactly.event_proof(text, text) FROM PUBLIC;
+
 -- Claims (source, id) for the calling transaction. `owned`: this
 -- transaction inserted the claim row and runs the handler; otherwise the
 -- committed row's payload digest and stored answer, for the replay. A
@@ -33,10 +45,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF p_proof IS DISTINCT FROM (
-        SELECT sha256(s.key || sha256(sha256(convert_to(p_source, 'UTF8')) || sha256(convert_to(p_id, 'UTF8'))))
-        FROM exactly.secret s
-    ) THEN
+    IF p_proof IS DISTINCT FROM exactly.event_proof(p_source, p_id) THEN
         RAISE EXCEPTION 'exactly: no proof for this event' USING ERRCODE = '42501';
     END IF;
     INSERT INTO exactly.processed_events (source, id, type, handler, payload_sha256)
@@ -64,10 +73,7 @@ AS $$
 DECLARE
     updated integer;
 BEGIN
-    IF p_proof IS DISTINCT FROM (
-        SELECT sha256(s.key || sha256(sha256(convert_to(p_source, 'UTF8')) || sha256(convert_to(p_id, 'UTF8'))))
-        FROM exactly.secret s
-    ) THEN
+    IF p_proof IS DISTINCT FROM exactly.event_proof(p_source, p_id) THEN
         RAISE EXCEPTION 'exactly: no proof for this event' USING ERRCODE = '42501';
     END IF;
     UPDATE exactly.processed_events
