@@ -143,6 +143,14 @@ impl Pipeline {
         let Some(mut tx) = tx else {
             return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
         };
+        // A statement cut off by the deadline may still run on the server
+        // (the handler can lift its own statement_timeout): cancel it, so
+        // that the rollback below does not wait for it.
+        if matches!(verdict, Err(Rejection::Deadline { .. }))
+            && let Some(pid) = tx.backend_pid()
+        {
+            self.database.cancel_backend(pid).await;
+        }
         fault::hit(Point::AfterHandler);
         let prepared = verdict.and_then(|outcome| prepare_answer(handler, event, outcome));
         let started = Instant::now();

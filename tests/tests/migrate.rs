@@ -77,9 +77,10 @@ async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
         db.execute(&format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"), &[])
             .await;
     }
+    db.execute("DROP TRIGGER processed_events_answered ON exactly.processed_events", &[]).await;
     db.execute(
         "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.event_proof, exactly.prepare_handler_roles, \
-         exactly.grant_handler_tables, exactly.reassign_table",
+         exactly.grant_handler_tables, exactly.reassign_table, exactly.require_answer",
         &[],
     )
     .await;

@@ -97,6 +97,8 @@ wall!([postgres, sqlite]:
     parser_panic_is_a_clean_refusal,
 );
 wall!([postgres]:
+    ending_the_transaction_early_commits_nothing,
+    the_deadline_cancels_a_statement_the_handler_unbounded,
     functions_that_run_sql_strings,
     host_sql_ignores_standard_conforming_strings,
     session_state_does_not_outlive_the_event,
@@ -787,6 +789,51 @@ async fn functions_that_run_sql_strings(backend: Backend, policy: Policy) {
         );
     }
     assert_victim_intact(&app, "after query_to_xml", &target).await;
+}
+
+/// A single `COMMIT` (no second statement for a parser to see): the
+/// handler would commit its claim without an answer and its effects early.
+/// At COMMIT a deferred check refuses a claim without its answer, so that
+/// COMMIT fails and the claim and the event's writes roll back.
+async fn ending_the_transaction_early_commits_nothing(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    let target = victim(&app).await;
+    for sql in ["COMMIT", "END", "COMMIT AND CHAIN"] {
+        stopped(&app, sql, vec![x(sql)]).await;
+    }
+    assert_victim_intact(&app, "after an early COMMIT", &target).await;
+}
+
+/// A handler that lifts its own `statement_timeout` and sleeps: the event's
+/// deadline (2 s) must end the statement on the server too, not only the
+/// wait for it; else the event holds a connection, a transaction and a
+/// server process for as long as it likes.
+async fn the_deadline_cancels_a_statement_the_handler_unbounded(backend: Backend, policy: Policy) {
+    let mut handlers = standard_handlers();
+    handlers.push(hostile_handler(Some(exactly_e2e::HandlerLimits {
+        deadline: Some(std::time::Duration::from_secs(2)),
+        ..Default::default()
+    })));
+    let app = serve(TestEnv::with_handlers(backend, handlers).await, policy, &[]).await;
+    control(&app).await;
+    stopped(
+        &app,
+        "SET statement_timeout = 0, then sleep",
+        vec![x("SET statement_timeout = 0"), q("SELECT pg_sleep(120)")],
+    )
+    .await;
+    assert_eq!(
+        app.db
+            .integer(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND query LIKE '%pg_sleep(120)%' \
+                 AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await,
+        0,
+        "the sleeping statement still runs on the server after the event was answered"
+    );
 }
 
 /// Issue 9 item 7: the host's own SQL must not depend on

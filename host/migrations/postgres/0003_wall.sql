@@ -40,7 +40,7 @@ REVOKE ALL ON FUNCTION exactly.event_proof(text, text) FROM PUBLIC;
 -- of a VOLATILE function takes a fresh snapshot under READ COMMITTED).
 CREATE FUNCTION exactly.claim_event(
     p_source text, p_id text, p_type text, p_handler text, p_payload_sha256 bytea, p_proof bytea)
-RETURNS TABLE (owned boolean, stored_payload_sha256 bytea, stored_status smallint, stored_reply text)
+RETURNS TABLE (owned boolean, stored_payload_sha256 bytea, stored_status smallint, stored_reply text, backend_pid integer)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -52,9 +52,9 @@ BEGIN
     VALUES (p_source, p_id, p_type, p_handler, p_payload_sha256)
     ON CONFLICT (source, id) DO NOTHING;
     IF FOUND THEN
-        RETURN QUERY SELECT true, NULL::bytea, NULL::smallint, NULL::text;
+        RETURN QUERY SELECT true, NULL::bytea, NULL::smallint, NULL::text, pg_backend_pid();
     ELSE
-        RETURN QUERY SELECT false, e.payload_sha256, e.status, e.reply::text
+        RETURN QUERY SELECT false, e.payload_sha256, e.status, e.reply::text, pg_backend_pid()
             FROM exactly.processed_events e WHERE e.source = p_source AND e.id = p_id;
     END IF;
 END
@@ -87,6 +87,30 @@ $$;
 
 REVOKE ALL ON FUNCTION exactly.claim_event(text, text, text, text, bytea, bytea) FROM PUBLIC;
 REVOKE ALL ON FUNCTION exactly.store_answer(text, text, bytea, smallint, text, text) FROM PUBLIC;
+
+-- A claim never commits without its answer: checked at COMMIT (a deferred
+-- constraint trigger), so a handler that ends the transaction early
+-- (COMMIT through a statement the filter missed) makes that COMMIT fail,
+-- and the claim and everything the event wrote roll back with it.
+CREATE FUNCTION exactly.require_answer()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM exactly.processed_events
+               WHERE source = NEW.source AND id = NEW.id AND status IS NULL) THEN
+        RAISE EXCEPTION 'exactly: event (%, %) would commit without its answer', NEW.source, NEW.id
+            USING ERRCODE = '42501';
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION exactly.require_answer() FROM PUBLIC;
+CREATE CONSTRAINT TRIGGER processed_events_answered
+    AFTER INSERT ON exactly.processed_events
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION exactly.require_answer();
 
 -- Migration-time only (the host's account; EXECUTE revoked from PUBLIC):
 -- makes `p_owner` the NOLOGIN role that owns a handler's tables (its
@@ -121,6 +145,14 @@ BEGIN
     IF NOT pg_has_role(current_user, p_owner, 'MEMBER') THEN
         EXECUTE format('GRANT %I TO %I', p_owner, current_user);
     END IF;
+    -- The account may cancel the login role's statements (pg_cancel_backend
+    -- when an event's deadline passes); the login role stays a member of
+    -- nothing.
+    IF NOT pg_has_role(current_user, p_login, 'MEMBER') THEN
+        EXECUTE format('GRANT %I TO %I', p_login, current_user);
+    END IF;
+    -- Role-level settings (ALTER ROLE … SET) would survive every session reset.
+    EXECUTE format('ALTER ROLE %I RESET ALL', p_login);
     EXECUTE format('GRANT USAGE, CREATE ON SCHEMA public TO %I', p_owner);
     EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', p_login);
     EXECUTE format('REVOKE CREATE ON SCHEMA public FROM %I', p_login);

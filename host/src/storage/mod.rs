@@ -90,7 +90,7 @@ impl Sessions {
                     .get(handler)
                     .ok_or_else(|| Rejection::Internal(format!("no database sessions for handler {handler}")))?;
                 let tx = pool.begin().await.map_err(classify)?;
-                Ok(EventTx::Postgres(tx, pools.key.clone()))
+                Ok(EventTx::Postgres(tx, pools.key.clone(), None))
             }
             Sessions::Sqlite { pool, turns } => {
                 let turn = match turns.get(handler) {
@@ -117,7 +117,7 @@ impl Sessions {
 /// session, with the key that proves its claim to the bookkeeping
 /// functions; on SQLite with the handler's turn at the writer.
 pub enum EventTx {
-    Postgres(Transaction<'static, Postgres>, Arc<postgres::ProofKey>),
+    Postgres(Transaction<'static, Postgres>, Arc<postgres::ProofKey>, Option<i32>),
     Sqlite(Transaction<'static, Sqlite>, Option<tokio::sync::OwnedSemaphorePermit>),
 }
 
@@ -213,6 +213,19 @@ impl Database {
                     .map(|h| (h.name.clone(), Arc::new(tokio::sync::Semaphore::new(1))))
                     .collect(),
             }),
+        }
+    }
+
+    /// Cancels what the server process `pid` (a handler's session) is
+    /// running: an event past its deadline must not keep its statement, its
+    /// connection and its transaction, whatever `statement_timeout` the
+    /// handler set for itself. The account is a member of each handler's
+    /// login role, which `pg_cancel_backend` requires.
+    pub async fn cancel_backend(&self, pid: i32) {
+        if let Database::Postgres(pool) = self
+            && let Err(error) = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid).execute(pool).await
+        {
+            tracing::warn!(%error, pid, "cannot cancel the statement of an event past its deadline");
         }
     }
 
@@ -467,9 +480,9 @@ impl EventTx {
     /// handler's own session, with the event's proof bound as a parameter.
     pub async fn claim(&mut self, event: &CloudEvent, handler: &str, payload_sha256: &[u8]) -> Result<Claim, Rejection> {
         let stored: (Vec<u8>, Option<i16>, Option<String>) = match self {
-            EventTx::Postgres(tx, key) => {
+            EventTx::Postgres(tx, key, backend_pid) => {
                 let row = sqlx::query(
-                    "SELECT owned, stored_payload_sha256, stored_status, stored_reply
+                    "SELECT owned, stored_payload_sha256, stored_status, stored_reply, backend_pid
                      FROM exactly.claim_event($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(&event.source)
@@ -481,6 +494,7 @@ impl EventTx {
                 .fetch_one(&mut **tx)
                 .await
                 .map_err(classify)?;
+                *backend_pid = row.try_get("backend_pid").map_err(classify)?;
                 let owned: bool = row.try_get("owned").map_err(classify)?;
                 if owned {
                     return Ok(Claim::Owned);
@@ -547,7 +561,7 @@ impl EventTx {
             .map_err(|e| Rejection::Internal(e.to_string()))?;
         let status = answer.status as i16;
         let updated = match self {
-            EventTx::Postgres(tx, key) => sqlx::query_scalar::<_, i32>(
+            EventTx::Postgres(tx, key, _) => sqlx::query_scalar::<_, i32>(
                 "SELECT exactly.store_answer($1, $2, $3, $4, $5, $6)",
             )
             .bind(&event.source)
@@ -579,9 +593,17 @@ impl EventTx {
         }
     }
 
+    /// The PostgreSQL server process of this event's session, once claimed.
+    pub fn backend_pid(&self) -> Option<i32> {
+        match self {
+            EventTx::Postgres(_, _, pid) => *pid,
+            EventTx::Sqlite(..) => None,
+        }
+    }
+
     pub async fn commit(self) -> Result<(), Rejection> {
         match self {
-            EventTx::Postgres(tx, _) => tx.commit().await,
+            EventTx::Postgres(tx, ..) => tx.commit().await,
             EventTx::Sqlite(tx, _) => tx.commit().await,
         }
         .map_err(classify)
@@ -589,7 +611,7 @@ impl EventTx {
 
     pub async fn rollback(self) {
         let result = match self {
-            EventTx::Postgres(tx, _) => tx.rollback().await,
+            EventTx::Postgres(tx, ..) => tx.rollback().await,
             EventTx::Sqlite(tx, _) => tx.rollback().await,
         };
         if let Err(error) = result {
@@ -609,7 +631,7 @@ impl EventTx {
         caps: RowCaps,
     ) -> Result<StatementOutput, StatementError> {
         match self {
-            EventTx::Postgres(tx, _) => {
+            EventTx::Postgres(tx, ..) => {
                 let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(sql)), params)?;
                 if want_rows {
                     let stream = query.fetch(&mut **tx);

@@ -429,12 +429,15 @@ pub(super) async fn handler_pools(
 /// pool: not on the event's path). `RESET ALL` returns every setting to
 /// the session's defaults (the start-up packet's timeouts included);
 /// temporary tables, sequence caches, `LISTEN`s, cursors and advisory locks
-/// go. A statement the handler prepared with SQL `PREPARE` cannot be told
+/// go, and so do large objects the handler created (`lo_from_bytea`: no
+/// handler has a use for them, and they would outlive the event outside
+/// its tables). A statement the handler prepared with SQL `PREPARE` cannot be told
 /// from the driver's own by name, so such a connection is closed instead.
 pub async fn reset_session(connection: &mut PgConnection) -> Result<bool, sqlx::Error> {
     let rows = sqlx::raw_sql(
         "RESET ROLE; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES; UNLISTEN *; CLOSE ALL;
          SELECT pg_advisory_unlock_all();
+         SELECT lo_unlink(l.oid) FROM pg_largeobject_metadata l WHERE l.lomowner = (SELECT oid FROM pg_roles WHERE rolname = current_user);
          SELECT count(*) FILTER (WHERE from_sql) AS prepared FROM pg_prepared_statements",
     )
     .fetch_all(&mut *connection)
