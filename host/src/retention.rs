@@ -147,33 +147,41 @@ where
 /// returns how many it deleted. Ages are measured by the database's clock,
 /// the one that stamped `processed_at`.
 pub async fn delete_expired(database: &Database, window: Duration, batch: u32) -> Result<u64, sqlx::Error> {
+    delete_batch(
+        database,
+        "DELETE FROM exactly.processed_events WHERE (source, id) IN (
+             SELECT source, id FROM exactly.processed_events
+             WHERE processed_at < now() - make_interval(secs => $1)
+             ORDER BY processed_at LIMIT $2
+             FOR UPDATE SKIP LOCKED)",
+        "DELETE FROM exactly_processed_events WHERE (source, id) IN (
+             SELECT source, id FROM exactly_processed_events
+             WHERE processed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))
+             ORDER BY processed_at LIMIT ?2)",
+        window,
+        batch,
+    )
+    .await
+}
+
+/// Runs one batch delete: the backend's statement, with `$1`/`?1` the
+/// window in seconds and `$2`/`?2` the batch size; returns the rows deleted.
+async fn delete_batch(
+    database: &Database,
+    postgres: &'static str,
+    sqlite: &'static str,
+    window: Duration,
+    batch: u32,
+) -> Result<u64, sqlx::Error> {
     let seconds = window.as_secs_f64();
-    let deleted = match database {
-        Database::Postgres(pool) => sqlx::query(
-            "DELETE FROM exactly.processed_events WHERE (source, id) IN (
-                 SELECT source, id FROM exactly.processed_events
-                 WHERE processed_at < now() - make_interval(secs => $1)
-                 ORDER BY processed_at LIMIT $2
-                 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(seconds)
-        .bind(i64::from(batch))
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        Database::Sqlite(pool) => sqlx::query(
-            "DELETE FROM exactly_processed_events WHERE (source, id) IN (
-                 SELECT source, id FROM exactly_processed_events
-                 WHERE processed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))
-                 ORDER BY processed_at LIMIT ?2)",
-        )
-        .bind(seconds)
-        .bind(i64::from(batch))
-        .execute(pool)
-        .await?
-        .rows_affected(),
-    };
-    Ok(deleted)
+    Ok(match database {
+        Database::Postgres(pool) => {
+            sqlx::query(postgres).bind(seconds).bind(i64::from(batch)).execute(pool).await?.rows_affected()
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(sqlite).bind(seconds).bind(i64::from(batch)).execute(pool).await?.rows_affected()
+        }
+    })
 }
 
 /// Deletes up to `batch` dead letters first received longer than `window`
@@ -184,33 +192,21 @@ pub async fn delete_expired_dead_letters(
     window: Duration,
     batch: u32,
 ) -> Result<u64, sqlx::Error> {
-    let seconds = window.as_secs_f64();
-    let deleted = match database {
-        Database::Postgres(pool) => sqlx::query(
-            "DELETE FROM exactly.dead_letters WHERE dead_letter_id IN (
-                 SELECT dead_letter_id FROM exactly.dead_letters
-                 WHERE received_at < now() - make_interval(secs => $1)
-                 ORDER BY received_at LIMIT $2
-                 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(seconds)
-        .bind(i64::from(batch))
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        Database::Sqlite(pool) => sqlx::query(
-            "DELETE FROM exactly_dead_letters WHERE dead_letter_id IN (
-                 SELECT dead_letter_id FROM exactly_dead_letters
-                 WHERE received_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))
-                 ORDER BY received_at LIMIT ?2)",
-        )
-        .bind(seconds)
-        .bind(i64::from(batch))
-        .execute(pool)
-        .await?
-        .rows_affected(),
-    };
-    Ok(deleted)
+    delete_batch(
+        database,
+        "DELETE FROM exactly.dead_letters WHERE dead_letter_id IN (
+             SELECT dead_letter_id FROM exactly.dead_letters
+             WHERE received_at < now() - make_interval(secs => $1)
+             ORDER BY received_at LIMIT $2
+             FOR UPDATE SKIP LOCKED)",
+        "DELETE FROM exactly_dead_letters WHERE dead_letter_id IN (
+             SELECT dead_letter_id FROM exactly_dead_letters
+             WHERE received_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ?1))
+             ORDER BY received_at LIMIT ?2)",
+        window,
+        batch,
+    )
+    .await
 }
 
 /// Age of the oldest dead letter (`None` when there is none) and the bytes
