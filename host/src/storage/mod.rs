@@ -266,8 +266,8 @@ impl Database {
     /// Each handler's tables, as the database records their ownership
     /// after migrating, plus those the handler lists in `uses`.
     pub async fn handler_tables(&self, manifest: &Manifest) -> anyhow::Result<HashMap<String, Vec<String>>> {
-        match self {
-            Database::Postgres(pool) => postgres::read_handler_tables(pool, manifest).await,
+        let owned = match self {
+            Database::Postgres(pool) => postgres::read_owned_tables(pool, manifest).await?,
             Database::Sqlite(pool) => {
                 let rows: Vec<(String, String)> =
                     sqlx::query_as("SELECT table_name, handler FROM exactly_table_owners ORDER BY table_name")
@@ -278,14 +278,30 @@ impl Database {
                 for (table, handler) in rows {
                     owned.entry(handler).or_default().push(table.to_ascii_lowercase());
                 }
-                manifest
-                    .handlers
-                    .iter()
-                    .map(|handler| Ok((handler.name.clone(), postgres::handler_tables(handler, &owned)?)))
-                    .collect()
+                owned
             }
-        }
+        };
+        manifest.handlers.iter().map(|handler| Ok((handler.name.clone(), handler_tables(handler, &owned)?))).collect()
     }
+}
+
+/// A handler's tables: its own, and those it lists in `uses`, each of
+/// which must be some handler's table.
+fn handler_tables(handler: &crate::manifest::HandlerSpec, owned: &HashMap<String, Vec<String>>) -> anyhow::Result<Vec<String>> {
+    let mut tables = owned.get(&handler.name).cloned().unwrap_or_default();
+    for used in &handler.uses {
+        let used = used.to_ascii_lowercase();
+        if !owned.values().flatten().any(|table| *table == used) {
+            bail!(
+                "handler {} lists table {used:?} in `uses`, but no handler's migrations created it",
+                handler.name
+            );
+        }
+        tables.push(used);
+    }
+    tables.sort();
+    tables.dedup();
+    Ok(tables)
 }
 
 /// SQLite's migrations. A handler's tables are those that appear in

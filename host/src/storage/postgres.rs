@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
-use super::{ACQUIRE_TIMEOUT, DbOptions, HOST_OWNER, check_applied, read_migrations};
+use super::{ACQUIRE_TIMEOUT, DbOptions, HOST_OWNER, check_applied, handler_tables, read_migrations};
 use crate::manifest::{HandlerSpec, Manifest};
 
 pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
@@ -319,25 +319,6 @@ async fn tables_by_owner(
     Ok(owned)
 }
 
-/// A handler's tables: its own, and those it lists in `uses`, each of
-/// which must be some handler's table.
-pub(super) fn handler_tables(handler: &HandlerSpec, owned: &HashMap<String, Vec<String>>) -> anyhow::Result<Vec<String>> {
-    let mut tables = owned.get(&handler.name).cloned().unwrap_or_default();
-    for used in &handler.uses {
-        let used = used.to_ascii_lowercase();
-        if !owned.values().flatten().any(|table| *table == used) {
-            bail!(
-                "handler {} lists table {used:?} in `uses`, but no handler's migrations created it",
-                handler.name
-            );
-        }
-        tables.push(used);
-    }
-    tables.sort();
-    tables.dedup();
-    Ok(tables)
-}
-
 /// A handler's login role must not be able to create objects anywhere in
 /// `public` (PostgreSQL before 15 grants CREATE on it to PUBLIC).
 async fn ensure_cannot_create(tx: &mut Transaction<'static, Postgres>, login: &str) -> anyhow::Result<()> {
@@ -364,15 +345,11 @@ async fn can_create(tx: &mut Transaction<'static, Postgres>, login: &str) -> Res
         .await
 }
 
-/// The handlers' tables as the database records them (after migrating).
-pub(super) async fn read_handler_tables(pool: &PgPool, manifest: &Manifest) -> anyhow::Result<HashMap<String, Vec<String>>> {
+/// Each handler's own tables, by handler, as the database records them
+/// (after migrating).
+pub(super) async fn read_owned_tables(pool: &PgPool, manifest: &Manifest) -> anyhow::Result<HashMap<String, Vec<String>>> {
     let prefix = role_prefix(pool).await?;
-    let owned = tables_by_owner(pool, manifest, &prefix).await?;
-    manifest
-        .handlers
-        .iter()
-        .map(|handler| Ok((handler.name.clone(), handler_tables(handler, &owned)?)))
-        .collect()
+    tables_by_owner(pool, manifest, &prefix).await
 }
 
 /// One pool per handler, logged in as its role, and the proof key.
