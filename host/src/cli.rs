@@ -323,7 +323,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pipeline_metrics = metrics.clone();
     let start = move |opened: Opened, runtime| {
         retention::spawn(opened.database.clone(), retention, pipeline_metrics.clone());
-        Pipeline::new(opened.database, opened.sessions, runtime, &opened.tables, &opened.schema_tables, pipeline_metrics)
+        Pipeline::new(opened.database, opened.sessions, runtime, &opened.tables, pipeline_metrics)
     };
     let listen = args
         .listen
@@ -379,7 +379,6 @@ struct Opened {
     database: Database,
     sessions: Sessions,
     tables: HashMap<String, Vec<String>>,
-    schema_tables: Vec<String>,
 }
 
 /// Connects, applies the migrations (unless told not to), reads each
@@ -390,14 +389,13 @@ async fn open_database(options: &DbOptions, manifest: &Manifest, migrate: bool) 
         database.migrate(manifest).await?;
     }
     let tables = database.handler_tables(manifest).await?;
-    let schema_tables = database.schema_tables().await?;
     let statement_timeouts = manifest
         .handlers
         .iter()
         .filter_map(|handler| Some((handler.name.clone(), handler.limits.statement_timeout?)))
         .collect();
     let sessions = database.sessions(manifest, options, &statement_timeouts).await?;
-    Ok(Opened { database, sessions, tables, schema_tables })
+    Ok(Opened { database, sessions, tables })
 }
 
 /// Logs to stderr, and when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (and a

@@ -62,14 +62,12 @@ pub struct Processed {
 
 impl Pipeline {
     /// `tables`: each handler's tables, as the database records them
-    /// ([`Database::handler_tables`]); `schema_tables`: every table of an
-    /// SQLite database ([`Database::schema_tables`]).
+    /// ([`Database::handler_tables`]).
     pub fn new(
         database: Database,
         sessions: Sessions,
         runtime: Runtime,
         tables: &HashMap<String, Vec<String>>,
-        schema_tables: &[String],
         metrics: Arc<Metrics>,
     ) -> Self {
         let backend = database.backend();
@@ -79,8 +77,7 @@ impl Pipeline {
                 let own = tables.get(&handler.name).cloned().unwrap_or_default();
                 let sandbox = (backend == Backend::Sqlite)
                     .then(|| {
-                        let sandbox = SqliteSandbox::new(own.clone(), handler.limits.max_result_bytes);
-                        Arc::new(sandbox.with_schema_tables(schema_tables.iter().cloned()))
+                        Arc::new(SqliteSandbox::new(own.clone(), handler.limits.max_result_bytes))
                     });
                 (handler.name.clone(), Guards { policy: Arc::new(Policy::new(backend, own)), sandbox })
             })

@@ -77,15 +77,20 @@ async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
         db.execute(&format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"), &[])
             .await;
     }
-    db.execute("DROP TRIGGER processed_events_answered ON exactly.processed_events", &[]).await;
+    // The functions of 0003_wall.sql as 0005_claim_by_lock.sql left them:
+    // the upgrade runs 0003 (trigger and all), then 0005 again.
     db.execute(
-        "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.event_proof, exactly.prepare_handler_roles, \
-         exactly.grant_handler_tables, exactly.reassign_table, exactly.require_answer",
+        "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.committed_answer, exactly.reset_session, \
+         exactly.prepare_handler_roles, exactly.grant_handler_tables, exactly.reassign_table",
         &[],
     )
     .await;
     db.execute("DROP TABLE exactly.secret", &[]).await;
-    db.execute("DELETE FROM exactly.migrations WHERE name = '0003_wall.sql'", &[]).await;
+    db.execute(
+        "DELETE FROM exactly.migrations WHERE name IN ('0003_wall.sql', '0005_claim_by_lock.sql')",
+        &[],
+    )
+    .await;
 
     let output = env.migrate().await;
     assert!(

@@ -95,13 +95,16 @@ wall!([postgres, sqlite]:
     cte_name_shadowing,
     other_tables_are_unreadable,
     parser_panic_is_a_clean_refusal,
+    tables_added_while_serving_are_walled,
 );
 wall!([postgres]:
-    ending_the_transaction_early_commits_nothing,
+    ending_the_transaction_early_records_nothing,
     the_deadline_cancels_a_statement_the_handler_unbounded,
     functions_that_run_sql_strings,
     host_sql_ignores_standard_conforming_strings,
     session_state_does_not_outlive_the_event,
+    session_objects_do_not_outlive_the_event,
+    role_defaults_do_not_reach_the_session,
     other_handlers_sequences,
 );
 wall!([sqlite]: sqlite_multi_statement_texts);
@@ -710,6 +713,26 @@ async fn other_tables_are_unreadable(backend: Backend, policy: Policy) {
     assert_victim_intact(&app, "after the reads", &target).await;
 }
 
+/// A table that appears while `serve` runs (another deployment's `exactly
+/// migrate` on the same database) is as closed to the handler as the
+/// tables it found at start-up, reads SQLite reports with no database
+/// (`count(*)`) included: the SQLite sandbox rereads the schema when its
+/// version changes.
+async fn tables_added_while_serving_are_walled(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    app.db.execute("CREATE TABLE late_secrets (k TEXT)", &[]).await;
+    app.db.execute("INSERT INTO late_secrets (k) VALUES ('one'), ('two')", &[]).await;
+    for sql in [
+        "SELECT count(*) FROM late_secrets",
+        "SELECT count(*) AS n FROM main.late_secrets",
+        "SELECT k FROM late_secrets",
+    ] {
+        stopped(&app, sql, vec![q(sql)]).await;
+    }
+    control(&app).await;
+}
+
 /// Issue 9 item 6: `SELECT 1 MATCH` made sqlparser panic (SQLite dialect);
 /// the event task died and the in-flight count leaked, so a SIGTERM waited
 /// the whole grace period. It must be a clean refusal (policy on) or a
@@ -791,18 +814,33 @@ async fn functions_that_run_sql_strings(backend: Backend, policy: Policy) {
     assert_victim_intact(&app, "after query_to_xml", &target).await;
 }
 
-/// A single `COMMIT` (no second statement for a parser to see): the
-/// handler would commit its claim without an answer and its effects early.
-/// At COMMIT a deferred check refuses a claim without its answer, so that
-/// COMMIT fails and the claim and the event's writes roll back.
-async fn ending_the_transaction_early_commits_nothing(backend: Backend, policy: Policy) {
+/// A handler that ends its event's transaction itself, with one statement
+/// (nothing for a parser to see): `COMMIT`, `END`, `ROLLBACK` and their
+/// `AND CHAIN` forms. The event's row is written only by
+/// `exactly.store_answer`, and only in the transaction that claimed the
+/// event; here the host's store runs in another one, so it is refused:
+/// the event is answered with an error (never 2xx, never a replay) and
+/// recorded nowhere, and its redelivery runs it again. With the policy on
+/// nothing of the event commits at all; with it off, what the handler
+/// wrote before its own COMMIT is in its own table (SECURITY.md, "What a
+/// handler can do to itself").
+async fn ending_the_transaction_early_records_nothing(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
     control(&app).await;
     let target = victim(&app).await;
-    for sql in ["COMMIT", "END", "COMMIT AND CHAIN"] {
-        stopped(&app, sql, vec![x(sql)]).await;
+    for sql in ["COMMIT", "END", "COMMIT AND CHAIN", "ROLLBACK", "ABORT", "ROLLBACK AND CHAIN"] {
+        let (event, answer) = attack(&app, vec![x(sql)]).await;
+        eprintln!("        {sql}: {}", summary(&answer));
+        assert_stopped_answer(sql, &answer);
+        assert_eq!(app.processed_event(&event).await, None, "{sql}: the event was recorded");
+        if policy == Policy::On {
+            assert_eq!(notes(&app, &event).await, 0, "{sql}: the event's hostile_notes row committed");
+        }
+        let again = app.send_binary(&event).await;
+        assert!(!again.is_replay(), "{sql}: the redelivery was replayed: {}", summary(&again));
     }
     assert_victim_intact(&app, "after an early COMMIT", &target).await;
+    others_still_work(&app, "after an early COMMIT", 4).await;
 }
 
 /// A handler that lifts its own `statement_timeout` and sleeps: the event's
@@ -1050,6 +1088,139 @@ async fn session_state_does_not_outlive_the_event(backend: Backend, policy: Poli
         "exactly migrate failed: {}",
         String::from_utf8_lossy(&migrated.stderr)
     );
+}
+
+/// What a session holds besides settings and locks: SQL `PREPARE`d
+/// statements, large objects, temporary tables, `LISTEN`s, cursors `WITH
+/// HOLD`, a session-wide `synchronous_commit = off`. None may be there when
+/// the next event runs on the same session (with the policy off the probe
+/// reads the session's own catalogs; with it on both are refused), and no
+/// large object or temporary table may be left anywhere in the database.
+async fn session_objects_do_not_outlive_the_event(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    let attack_statements = vec![
+        x("PREPARE evil_plan AS SELECT 1"),
+        q("SELECT lo_from_bytea(0, '\\x6576696c')"),
+        x("CREATE TEMP TABLE evil_temp (x int)"),
+        x("LISTEN evil_channel"),
+        x("DECLARE evil_cursor CURSOR WITH HOLD FOR SELECT 1"),
+        x("SET synchronous_commit = off"),
+        q("SELECT pg_backend_pid()"),
+    ];
+    let probe_statements = vec![
+        q("SELECT pg_backend_pid()"),
+        q("SELECT CAST(count(*) AS int) FROM pg_prepared_statements WHERE from_sql"),
+        q("SELECT CAST(count(*) AS int) FROM pg_largeobject_metadata"),
+        q("SELECT CAST(count(*) AS int) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"),
+        q("SELECT CAST(count(*) AS int) FROM pg_listening_channels()"),
+        q("SELECT CAST(count(*) AS int) FROM pg_cursors WHERE is_holdable"),
+        q("SELECT current_setting('synchronous_commit')"),
+    ];
+    let mut same_session_rounds = 0;
+    for round in 0..6 {
+        let what = format!("session objects (round {round})");
+        let (attack_event, answer) = attack(&app, attack_statements.clone()).await;
+        eprintln!("        {what}: {}", summary(&answer));
+        if policy == Policy::On {
+            assert_stopped_answer(&what, &answer);
+            assert_left_nothing(&app, &what, &attack_event).await;
+            let (_, probe) = attack(&app, probe_statements.clone()).await;
+            assert_stopped_answer("the probe of the catalogs", &probe);
+            continue;
+        }
+        answer.assert_processed();
+        let attack_pid = app.processed_result(&attack_event).await.expect("the attack's result")["results"][6]["rows"][0][0].clone();
+        let (probe_event, probe) = attack(&app, probe_statements.clone()).await;
+        probe.assert_processed();
+        let results = app.processed_result(&probe_event).await.expect("the probe's result")["results"].clone();
+        let value = |i: usize| results[i]["rows"][0][0].clone();
+        if value(0) != attack_pid {
+            eprintln!("        the probe ran on another session ({} after {attack_pid})", value(0));
+            continue;
+        }
+        same_session_rounds += 1;
+        assert_eq!(value(1), json!(0), "{what}: a SQL-prepared statement outlived its event");
+        assert_eq!(value(2), json!(0), "{what}: a large object outlived its event");
+        assert_eq!(value(3), json!(0), "{what}: a temporary table outlived its event");
+        assert_eq!(value(4), json!(0), "{what}: a LISTEN outlived its event");
+        assert_eq!(value(5), json!(0), "{what}: a cursor WITH HOLD outlived its event");
+        assert_eq!(value(6), json!("on"), "{what}: synchronous_commit = off outlived its event");
+    }
+    if policy == Policy::Off {
+        assert!(same_session_rounds > 0, "no probe ran on the session its attack ran on: nothing was checked");
+    }
+    for (what, sql) in [
+        ("large objects", "SELECT count(*) FROM pg_largeobject_metadata"),
+        ("temporary tables", "SELECT count(*) FROM pg_class WHERE relname = 'evil_temp'"),
+    ] {
+        assert_eq!(app.db.integer(sql, &[]).await, 0, "{what} of the handler's sessions are left in the database");
+    }
+    others_still_work(&app, "after the session objects", 4).await;
+}
+
+/// A role may set its own defaults (`ALTER ROLE CURRENT_USER SET …`, no
+/// privilege needed), and new sessions of that role start with them: here
+/// `synchronous_commit = off`, which would make every later COMMIT of the
+/// handler's events answerable before it is durable. After the attack the
+/// handler's sessions are killed, so the next event logs in afresh; it
+/// must still run with the host's `synchronous_commit` and isolation.
+async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    let (event, answer) = attack(
+        &app,
+        vec![
+            x("ALTER ROLE CURRENT_USER SET synchronous_commit = off"),
+            x("ALTER ROLE CURRENT_USER SET default_transaction_isolation = 'serializable'"),
+        ],
+    )
+    .await;
+    eprintln!("        ALTER ROLE … SET: {}", summary(&answer));
+    if policy == Policy::On {
+        assert_stopped_answer("ALTER ROLE … SET", &answer);
+        assert_left_nothing(&app, "ALTER ROLE … SET", &event).await;
+        return;
+    }
+    answer.assert_processed();
+    let settings = app
+        .db
+        .integer(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole \
+             WHERE r.rolname = 'exactly_' || left(encode(sha256(convert_to(current_database(), 'UTF8')), 'hex'), 8) || '_hostile'",
+            &[],
+        )
+        .await;
+    assert_eq!(settings, 1, "the attack did not set the role's defaults: nothing is tested");
+    app.db
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'exactly:hostile'",
+            &[],
+        )
+        .await;
+    let mut checked = false;
+    for attempt in 0..3 {
+        let (probe_event, probe) = attack(
+            &app,
+            vec![q("SELECT current_setting('synchronous_commit'), current_setting('transaction_isolation')")],
+        )
+        .await;
+        if !is_2xx(&probe) {
+            // The first event may meet a session the kill has not closed yet.
+            eprintln!("        probe {attempt}: {}", summary(&probe));
+            continue;
+        }
+        let result = app.processed_result(&probe_event).await.expect("the probe's result");
+        assert_eq!(
+            result["results"][0]["rows"][0],
+            json!(["on", "read committed"]),
+            "a role default the handler set reached its new session"
+        );
+        checked = true;
+        break;
+    }
+    assert!(checked, "no probe event succeeded after the kill");
 }
 
 /// Issue 9 item 9, sequences: a handler cannot advance (or reset) another

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{AssertSqlSafe, PgPool, Row, Sqlite, SqlitePool, Transaction};
 
 use crate::answer::{Committed, LimitKind, Rejection, ReplyEvent};
 use crate::convert::{self, Rows, StatementError, StatementOutput, Value};
@@ -89,8 +89,8 @@ impl Sessions {
                     .pools
                     .get(handler)
                     .ok_or_else(|| Rejection::Internal(format!("no database sessions for handler {handler}")))?;
-                let tx = pool.begin().await.map_err(classify)?;
-                Ok(EventTx::Postgres(tx, pools.key.clone(), None))
+                let session = postgres::EventSession::begin(pool, pools.key.clone()).await.map_err(classify)?;
+                Ok(EventTx::Postgres(session))
             }
             Sessions::Sqlite { pool, turns } => {
                 let turn = match turns.get(handler) {
@@ -117,7 +117,7 @@ impl Sessions {
 /// session, with the key that proves its claim to the bookkeeping
 /// functions; on SQLite with the handler's turn at the writer.
 pub enum EventTx {
-    Postgres(Transaction<'static, Postgres>, Arc<postgres::ProofKey>, Option<i32>),
+    Postgres(postgres::EventSession),
     Sqlite(Transaction<'static, Sqlite>, Option<tokio::sync::OwnedSemaphorePermit>),
 }
 
@@ -247,19 +247,6 @@ impl Database {
         match self {
             Database::Postgres(pool) => postgres::migrate(pool, manifest).await,
             Database::Sqlite(pool) => migrate_sqlite(pool, manifest).await,
-        }
-    }
-
-    /// Every table and view of an SQLite database (empty on PostgreSQL),
-    /// for [`sqlite_guard::SqliteSandbox::with_schema_tables`].
-    pub async fn schema_tables(&self) -> anyhow::Result<Vec<String>> {
-        match self {
-            Database::Postgres(_) => Ok(Vec::new()),
-            Database::Sqlite(pool) => {
-                Ok(sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
-                    .fetch_all(pool)
-                    .await?)
-            }
         }
     }
 
@@ -496,29 +483,35 @@ impl EventTx {
     /// handler's own session, with the event's proof bound as a parameter.
     pub async fn claim(&mut self, event: &CloudEvent, handler: &str, payload_sha256: &[u8]) -> Result<Claim, Rejection> {
         let stored: (Vec<u8>, Option<i16>, Option<String>) = match self {
-            EventTx::Postgres(tx, key, backend_pid) => {
-                let row = sqlx::query(
-                    "SELECT owned, stored_payload_sha256, stored_status, stored_reply, backend_pid
-                     FROM exactly.claim_event($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&event.source)
-                .bind(&event.id)
-                .bind(&event.ty)
-                .bind(handler)
-                .bind(payload_sha256)
-                .bind(key.proof(&event.source, &event.id))
-                .fetch_one(&mut **tx)
-                .await
-                .map_err(classify)?;
-                *backend_pid = row.try_get("backend_pid").map_err(classify)?;
-                let owned: bool = row.try_get("owned").map_err(classify)?;
-                if owned {
+            EventTx::Postgres(session) => {
+                let proof = session.key.proof(&event.source, &event.id);
+                let xact: Option<i64> = sqlx::query_scalar("SELECT exactly.claim_event($1, $2, $3)")
+                    .bind(&event.source)
+                    .bind(&event.id)
+                    .bind(&proof)
+                    .fetch_one(session.connection())
+                    .await
+                    .map_err(classify)?;
+                if let Some(xact) = xact {
+                    session.claimed = Some(postgres::Claimed {
+                        xact,
+                        handler: handler.to_owned(),
+                        payload_sha256: payload_sha256.to_vec(),
+                    });
                     return Ok(Claim::Owned);
                 }
+                let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
+                    .bind(&event.source)
+                    .bind(&event.id)
+                    .bind(&proof)
+                    .fetch_optional(session.connection())
+                    .await
+                    .map_err(classify)?
+                    .ok_or_else(|| Rejection::Internal("a committed event's row is gone".into()))?;
                 (
-                    row.try_get::<Option<Vec<u8>>, _>("stored_payload_sha256").map_err(classify)?.unwrap_or_default(),
-                    row.try_get("stored_status").map_err(classify)?,
-                    row.try_get("stored_reply").map_err(classify)?,
+                    row.try_get::<Option<Vec<u8>>, _>("payload_sha256").map_err(classify)?.unwrap_or_default(),
+                    row.try_get("status").map_err(classify)?,
+                    row.try_get("reply").map_err(classify)?,
                 )
             }
             EventTx::Sqlite(tx, _) => {
@@ -577,18 +570,27 @@ impl EventTx {
             .map_err(|e| Rejection::Internal(e.to_string()))?;
         let status = answer.status as i16;
         let updated = match self {
-            EventTx::Postgres(tx, key, _) => sqlx::query_scalar::<_, i32>(
-                "SELECT exactly.store_answer($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(key.proof(&event.source, &event.id))
-            .bind(status)
-            .bind(reply)
-            .bind(result)
-            .fetch_one(&mut **tx)
-            .await
-            .map(|n| n as u64),
+            EventTx::Postgres(session) => {
+                let claimed = session
+                    .claimed
+                    .take()
+                    .ok_or_else(|| Rejection::Internal("an answer to store for an event this transaction did not claim".into()))?;
+                let proof = session.key.proof(&event.source, &event.id);
+                sqlx::query("SELECT exactly.store_answer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .bind(&event.source)
+                    .bind(&event.id)
+                    .bind(&event.ty)
+                    .bind(&claimed.handler)
+                    .bind(&claimed.payload_sha256)
+                    .bind(proof)
+                    .bind(claimed.xact)
+                    .bind(status)
+                    .bind(reply)
+                    .bind(result)
+                    .execute(session.connection())
+                    .await
+                    .map(|_| 1)
+            }
             EventTx::Sqlite(tx, _) => sqlx::query(
                 "UPDATE exactly_processed_events SET status = ?3, reply = ?4, result = ?5 WHERE source = ?1 AND id = ?2",
             )
@@ -612,14 +614,14 @@ impl EventTx {
     /// The PostgreSQL server process of this event's session, once claimed.
     pub fn backend_pid(&self) -> Option<i32> {
         match self {
-            EventTx::Postgres(_, _, pid) => *pid,
+            EventTx::Postgres(session) => Some(session.backend_pid),
             EventTx::Sqlite(..) => None,
         }
     }
 
     pub async fn commit(self) -> Result<(), Rejection> {
         match self {
-            EventTx::Postgres(tx, ..) => tx.commit().await,
+            EventTx::Postgres(session) => session.finish(true).await,
             EventTx::Sqlite(tx, _) => tx.commit().await,
         }
         .map_err(classify)
@@ -627,7 +629,7 @@ impl EventTx {
 
     pub async fn rollback(self) {
         let result = match self {
-            EventTx::Postgres(tx, ..) => tx.rollback().await,
+            EventTx::Postgres(session) => session.finish(false).await,
             EventTx::Sqlite(tx, _) => tx.rollback().await,
         };
         if let Err(error) = result {
@@ -647,13 +649,13 @@ impl EventTx {
         caps: RowCaps,
     ) -> Result<StatementOutput, StatementError> {
         match self {
-            EventTx::Postgres(tx, ..) => {
+            EventTx::Postgres(session) => {
                 let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(sql)), params)?;
                 if want_rows {
-                    let stream = query.fetch(&mut **tx);
+                    let stream = query.fetch(session.connection());
                     collect_rows(stream, caps, convert::row_from_postgres).await
                 } else {
-                    let done = query.execute(&mut **tx).await.map_err(StatementError::from_sqlx)?;
+                    let done = query.execute(session.connection()).await.map_err(StatementError::from_sqlx)?;
                     Ok(StatementOutput::Affected(done.rows_affected()))
                 }
             }
@@ -692,6 +694,19 @@ impl EventTx {
         sandbox: Option<&Arc<sqlite_guard::SqliteSandbox>>,
     ) -> Result<(), Rejection> {
         if let EventTx::Sqlite(tx, _) = self {
+            if let Some(sandbox) = sandbox {
+                // Tables another deployment's migrate added since the last
+                // event (the write lock is held: no schema change until COMMIT).
+                let version: i64 = sqlx::query_scalar("PRAGMA schema_version").fetch_one(&mut **tx).await.map_err(classify)?;
+                if sandbox.schema_version() != Some(version) {
+                    let tables: Vec<String> =
+                        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+                            .fetch_all(&mut **tx)
+                            .await
+                            .map_err(classify)?;
+                    sandbox.set_schema(version, tables);
+                }
+            }
             let mut handle = tx.lock_handle().await.map_err(classify)?;
             if let Some(sandbox) = sandbox {
                 sqlite_guard::enter(&mut handle, sandbox);
@@ -795,9 +810,15 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 
 /// Lock and serialization conflicts, statement timeouts (PostgreSQL), and
 /// SQLITE_BUSY / SQLITE_LOCKED with their extended codes.
+/// A PostgreSQL SQLSTATE is always five characters (some are all digits,
+/// such as `42501`); SQLite's extended result codes, which sqlx reports in
+/// decimal, have at most four digits, so the two never mix.
 pub fn is_contention(code: &str) -> bool {
-    matches!(code, "55P03" | "40001" | "40P01" | "57014")
-        || code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
+    if code.len() == 5 {
+        matches!(code, "55P03" | "40001" | "40P01" | "57014")
+    } else {
+        code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
+    }
 }
 
 /// The server is going away or refuses connections.
@@ -837,5 +858,10 @@ mod tests {
         assert!(is_contention("517"));
         assert!(!is_contention("23505"));
         assert!(!is_contention("19"));
+        // All-digit SQLSTATEs are not SQLite codes: 42501 is 0xA605, whose
+        // low byte reads as SQLITE_BUSY.
+        assert!(!is_contention("42501"));
+        assert!(!is_contention("22012"));
+        assert!(is_contention("40001"));
     }
 }

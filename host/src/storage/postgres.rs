@@ -25,10 +25,10 @@
 //! names another handler's table in `CREATE TABLE IF NOT EXISTS` is
 //! refused before it runs.
 //!
-//! Sessions come back to the pool clean: [`reset_session`] runs when a
-//! connection is released (settings, temporary tables, advisory locks,
-//! `LISTEN`, cursors) and closes any connection on which the handler
-//! prepared statements of its own.
+//! Sessions come back to the pool clean: the event's COMMIT or ROLLBACK
+//! travels in one round trip with the statements that undo what a
+//! handler's statements could leave in the session ([`EventSession`]); a
+//! session on which that fails is closed, never pooled again.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 
@@ -48,6 +49,7 @@ pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
     ("0002_dead_letters.sql", include_str!("../../migrations/postgres/0002_dead_letters.sql")),
     ("0003_wall.sql", include_str!("../../migrations/postgres/0003_wall.sql")),
     ("0004_dead_letter_quota.sql", include_str!("../../migrations/postgres/0004_dead_letter_quota.sql")),
+    ("0005_claim_by_lock.sql", include_str!("../../migrations/postgres/0005_claim_by_lock.sql")),
 ];
 
 /// The 32-byte key of `exactly.secret`. A proof for `(source, id)` is
@@ -359,8 +361,12 @@ pub struct HandlerPools {
 }
 
 /// Opens (lazily) each handler's pool: the account's URL with the
-/// handler's login role and derived password, the handler's statement
-/// timeout, and [`reset_session`] on every release.
+/// handler's login role and derived password, and start-up settings no
+/// role-level setting can override: the handler's statement timeout, the
+/// lock timeout, and the host's own `synchronous_commit` and
+/// `default_transaction_isolation`. (A role may `ALTER ROLE` itself `SET`
+/// a default; start-up options rank above role defaults, and `RESET ALL`
+/// returns to them.)
 pub(super) async fn handler_pools(
     host: &PgPool,
     manifest: &Manifest,
@@ -369,6 +375,12 @@ pub(super) async fn handler_pools(
 ) -> anyhow::Result<HandlerPools> {
     let key = ProofKey::read(host).await?;
     let prefix = role_prefix(host).await?;
+    let (synchronous_commit, isolation): (String, String) = sqlx::query_as(
+        "SELECT current_setting('synchronous_commit'), current_setting('default_transaction_isolation')",
+    )
+    .fetch_one(host)
+    .await
+    .context("cannot read the host session's synchronous_commit")?;
     let mut pools = HashMap::new();
     for handler in &manifest.handlers {
         let roles = roles_of(&prefix, &handler.name);
@@ -381,12 +393,13 @@ pub(super) async fn handler_pools(
             .options([
                 ("statement_timeout", format!("{}ms", statement_timeout.as_millis().max(1))),
                 ("lock_timeout", format!("{}ms", options.lock_timeout.as_millis())),
+                ("synchronous_commit", synchronous_commit.clone()),
+                ("default_transaction_isolation", isolation.clone()),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .min_connections(0)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_release(|connection, _| Box::pin(reset_session(connection)))
             .connect_lazy_with(connect);
         // Log in once now: a server that refuses the role (pg_hba.conf)
         // should stop the start-up with its own words, not fail events.
@@ -401,24 +414,75 @@ pub(super) async fn handler_pools(
     Ok(HandlerPools { pools, key: Arc::new(key) })
 }
 
-/// Session state a handler's statements may leave behind, undone before
-/// the connection goes back to the pool (in a background task of the
-/// pool: not on the event's path). `RESET ALL` returns every setting to
-/// the session's defaults (the start-up packet's timeouts included);
-/// temporary tables, sequence caches, `LISTEN`s, cursors and advisory locks
-/// go, and so do large objects the handler created (`lo_from_bytea`: no
-/// handler has a use for them, and they would outlive the event outside
-/// its tables). A statement the handler prepared with SQL `PREPARE` cannot be told
-/// from the driver's own by name, so such a connection is closed instead.
-pub async fn reset_session(connection: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    let rows = sqlx::raw_sql(
-        "RESET ROLE; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES; UNLISTEN *; CLOSE ALL;
-         SELECT pg_advisory_unlock_all();
-         SELECT lo_unlink(l.oid) FROM pg_largeobject_metadata l WHERE l.lomowner = (SELECT oid FROM pg_roles WHERE rolname = current_user);
-         SELECT count(*) FILTER (WHERE from_sql) AS prepared FROM pg_prepared_statements",
-    )
-    .fetch_all(&mut *connection)
-    .await?;
-    let prepared: i64 = rows.last().map(|row| row.try_get("prepared")).transpose()?.unwrap_or(0);
-    Ok(prepared == 0)
+/// `exactly.reset_session` (`0005_claim_by_lock.sql`) undoes, inside the
+/// event's transaction and before its COMMIT, what a handler's statements
+/// may leave in the session: the role and every setting (back to the
+/// start-up values, so the COMMIT itself runs with the host's
+/// `synchronous_commit` whatever the handler set), temporary tables,
+/// sequence caches, `LISTEN`s, cursors, advisory locks (released at once),
+/// large objects and SQL-level prepared statements.
+const RESET_AND_COMMIT: &str = "SELECT exactly.reset_session(); COMMIT";
+/// The same after a ROLLBACK (only a warning when the handler's statements
+/// already ended the transaction).
+const ROLLBACK_AND_RESET: &str = "ROLLBACK; SELECT exactly.reset_session()";
+
+/// One event's transaction on a session of its handler's pool, with the
+/// key that proves its claim to the bookkeeping functions. BEGIN, the
+/// claim, the handler's statements, the answer, then COMMIT or ROLLBACK
+/// together with the session's reset, in one round trip
+/// ([`EventSession::finish`]). A session whose reset fails, or an event
+/// dropped before it finished, closes its connection instead of pooling
+/// it (the server rolls back what was open).
+pub struct EventSession {
+    connection: Option<PoolConnection<Postgres>>,
+    pub(super) key: Arc<ProofKey>,
+    /// The session's server process (the host cancels its statement when
+    /// the event's deadline passes).
+    pub(super) backend_pid: i32,
+    /// What `store_answer` needs of the claim: the transaction id
+    /// `exactly.claim_event` returned, the handler and the payload digest.
+    pub(super) claimed: Option<Claimed>,
+}
+
+pub(super) struct Claimed {
+    pub xact: i64,
+    pub handler: String,
+    pub payload_sha256: Vec<u8>,
+}
+
+impl EventSession {
+    pub(super) async fn begin(pool: &PgPool, key: Arc<ProofKey>) -> Result<EventSession, sqlx::Error> {
+        let mut connection = pool.acquire().await?;
+        let backend_pid = match sqlx::raw_sql("BEGIN; SELECT pg_backend_pid()").fetch_one(&mut *connection).await {
+            Ok(row) => row.try_get(0)?,
+            Err(error) => {
+                drop(connection.detach());
+                return Err(error);
+            }
+        };
+        Ok(EventSession { connection: Some(connection), key, backend_pid, claimed: None })
+    }
+
+    pub(super) fn connection(&mut self) -> &mut PgConnection {
+        self.connection.as_mut().expect("an event session is used only until it finishes")
+    }
+
+    /// COMMIT (`commit`) or ROLLBACK, with the session's reset.
+    pub(super) async fn finish(mut self, commit: bool) -> Result<(), sqlx::Error> {
+        let batch = if commit { RESET_AND_COMMIT } else { ROLLBACK_AND_RESET };
+        sqlx::raw_sql(batch).execute(self.connection()).await?;
+        // Clean: back to the pool.
+        drop(self.connection.take());
+        Ok(())
+    }
+}
+
+impl Drop for EventSession {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            // Never pooled again: closing the socket makes the server roll
+            // back whatever the session had open.
+            drop(connection.detach());
+        }
+    }
 }

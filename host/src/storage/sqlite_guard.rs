@@ -9,7 +9,8 @@
 //! - `EventTx::enter_handler`: in the same `lock_handle()` that sets the
 //!   progress handler, call [`enter`] with the handler's
 //!   `Arc<SqliteSandbox>` (built once at start-up from the same table list as
-//!   its `Policy`, and `max_value_bytes` from the handler's limits).
+//!   its `Policy`, and `max_value_bytes` from the handler's limits), after
+//!   [`SqliteSandbox::set_schema`] when `PRAGMA schema_version` changed.
 //! - `EventTx::run_handler_statement`: before binding, lock the handle and
 //!   call [`check_single_statement`] on the SQL the policy admitted; on
 //!   `Err(message)` refuse the statement with that message (a policy
@@ -75,7 +76,7 @@
 use std::collections::HashSet;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::ptr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use libsqlite3_sys as ffi;
@@ -233,14 +234,15 @@ const RESERVED_PREFIXES: [&str; 2] = ["sqlite_", "exactly_"];
 /// Name of the connection's client-data slot holding the installed guard.
 const SLOT: &CStr = c"exactly.sqlite_guard";
 
-/// What one handler may do, fixed at start-up.
+/// What one handler may do: its tables and functions fixed at start-up, the
+/// database's table list reread when the schema changes.
 #[derive(Debug)]
 pub struct SqliteSandbox {
     /// Lower-case names of the handler's tables.
     tables: HashSet<String>,
-    /// Lower-case names of every table and view of the database (see
-    /// [`SqliteSandbox::with_schema_tables`]).
-    schema_tables: HashSet<String>,
+    /// Lower-case names of every table and view of the database, with the
+    /// `schema_version` they were read at (see [`SqliteSandbox::set_schema`]).
+    schema: RwLock<Schema>,
     functions: HashSet<&'static str>,
     max_value_bytes: c_int,
 }
@@ -252,20 +254,29 @@ impl SqliteSandbox {
     pub fn new(tables: impl IntoIterator<Item = String>, max_value_bytes: u64) -> Self {
         SqliteSandbox {
             tables: tables.into_iter().map(|t| t.to_ascii_lowercase()).collect(),
-            schema_tables: HashSet::new(),
+            schema: RwLock::new(Schema { version: None, tables: HashSet::new() }),
             functions: FUNCTIONS.iter().copied().collect(),
             max_value_bytes: c_int::try_from(max_value_bytes).unwrap_or(c_int::MAX).max(1),
         }
     }
 
-    /// Every table and view the database has (`sqlite_master`), so that a
-    /// read SQLite reports with no database (`count(*)` reads a real table
-    /// that way, as it does a CTE) is told apart: a name that is a real
-    /// table must be one of the handler's. DDL is denied to handlers, so the
-    /// set read at start-up stays true.
-    pub fn with_schema_tables(mut self, tables: impl IntoIterator<Item = String>) -> Self {
-        self.schema_tables = tables.into_iter().map(|t| t.to_ascii_lowercase()).collect();
-        self
+    /// The `PRAGMA schema_version` the sandbox's table list was read at
+    /// (None before the first event).
+    pub fn schema_version(&self) -> Option<i64> {
+        self.schema.read().unwrap_or_else(|e| e.into_inner()).version
+    }
+
+    /// Every table and view the database has (`sqlite_master`) at
+    /// `schema_version`, so that a read SQLite reports with no database
+    /// (`count(*)` reads a real table that way, as it does a CTE) is told
+    /// apart: a name that is a real table must be one of the handler's.
+    /// DDL is denied to handlers, but another deployment's `exactly
+    /// migrate` may add tables while this host runs: the host reads the
+    /// schema version at every event and calls this when it changed
+    /// ([`super::EventTx::enter_handler`]).
+    pub fn set_schema(&self, schema_version: i64, tables: impl IntoIterator<Item = String>) {
+        let tables = tables.into_iter().map(|t| t.to_ascii_lowercase()).collect();
+        *self.schema.write().unwrap_or_else(|e| e.into_inner()) = Schema { version: Some(schema_version), tables };
     }
 
     fn allows_table(&self, table: Option<&str>, database: Option<&str>) -> bool {
@@ -285,7 +296,7 @@ impl SqliteSandbox {
             // table of the database; a real table must be the handler's.
             ffi::SQLITE_READ if database.is_none() => arg1.is_some_and(|name| {
                 let name = name.to_ascii_lowercase();
-                let real = self.schema_tables.contains(&name)
+                let real = self.schema.read().unwrap_or_else(|e| e.into_inner()).tables.contains(&name)
                     || RESERVED_PREFIXES.iter().any(|prefix| name.starts_with(prefix));
                 !real || self.allows_table(Some(&name), Some("main"))
             }),
@@ -298,6 +309,13 @@ impl SqliteSandbox {
             _ => false,
         }
     }
+}
+
+/// The database's tables and views as of one schema version.
+#[derive(Debug)]
+struct Schema {
+    version: Option<i64>,
+    tables: HashSet<String>,
 }
 
 /// What the connection's client-data slot owns while the guard is installed:
@@ -752,8 +770,8 @@ mod tests {
 
     #[test]
     fn sqlite_guard_sandbox_rules() {
-        let sandbox = SqliteSandbox::new(["Own".to_string(), "exactly_x".to_string()], 10)
-            .with_schema_tables(["own", "Other", "exactly_x"].map(String::from));
+        let sandbox = SqliteSandbox::new(["Own".to_string(), "exactly_x".to_string()], 10);
+        sandbox.set_schema(1, ["own", "Other", "exactly_x"].map(String::from));
         assert!(sandbox.allows(ffi::SQLITE_READ, Some("OWN"), Some("k"), Some("main")));
         assert!(!sandbox.allows(ffi::SQLITE_READ, Some("own"), Some("k"), Some("temp")));
         // No database: `count(*)` over a CTE, or over a real table.
