@@ -105,9 +105,11 @@ wall!([postgres]:
     session_state_does_not_outlive_the_event,
     session_objects_do_not_outlive_the_event,
     role_defaults_do_not_reach_the_session,
+    host_statements_cannot_be_replaced,
+    in_flight_events_cannot_be_held,
     other_handlers_sequences,
 );
-wall!([sqlite]: sqlite_multi_statement_texts);
+wall!([sqlite]: sqlite_multi_statement_texts, shared_writer_counters_are_closed);
 
 exactly_e2e::both_backends!(migration_cannot_take_another_handlers_table);
 
@@ -1199,6 +1201,8 @@ async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy
         vec![
             x(&format!("ALTER ROLE CURRENT_USER SET synchronous_commit = {evil_commit}")),
             x(&format!("ALTER ROLE CURRENT_USER SET default_transaction_isolation = '{evil_isolation}'")),
+            x("ALTER ROLE CURRENT_USER SET default_transaction_read_only = on"),
+            x("ALTER ROLE CURRENT_USER SET idle_in_transaction_session_timeout = '1ms'"),
         ],
     )
     .await;
@@ -1218,6 +1222,16 @@ async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy
         )
         .await;
     assert_eq!(settings, 1, "the attack did not set the role's defaults: nothing is tested");
+    let read_only = app
+        .db
+        .integer(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole \
+             WHERE r.rolname = 'exactly_' || left(encode(sha256(convert_to(current_database(), 'UTF8')), 'hex'), 8) || '_hostile' \
+             AND 'default_transaction_read_only=on' = ANY (s.setconfig)",
+            &[],
+        )
+        .await;
+    assert_eq!(read_only, 1, "the read-only default is not set: nothing is tested");
     app.db
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -1229,7 +1243,10 @@ async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy
     for attempt in 0..3 {
         let (probe_event, probe) = attack(
             &app,
-            vec![q("SELECT current_setting('synchronous_commit'), current_setting('transaction_isolation')")],
+            vec![
+                q("SELECT current_setting('synchronous_commit'), current_setting('transaction_isolation')"),
+                x("INSERT INTO hostile_notes (k) VALUES ('written after ALTER ROLE')"),
+            ],
         )
         .await;
         if !is_2xx(&probe) {
@@ -1247,6 +1264,119 @@ async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy
         break;
     }
     assert!(checked, "no probe event succeeded after the kill");
+}
+
+/// Found by a fresh attacker: SQL `PREPARE` and `DEALLOCATE` share the
+/// namespace of the driver's named prepared statements. Had the host cached
+/// its `store_answer` call on the handler's session, the handler could
+/// replace it with its own SQL, and the host would bind the event's proof
+/// and transaction id into it (and skip or forge the event's row). The
+/// attack replaces every driver statement that calls into schema `exactly`
+/// with one that writes its parameters to `hostile_notes`; whatever it
+/// finds, no proof may reach the handler, and an event answered 2xx must
+/// be recorded as the host stored it and replayed.
+async fn host_statements_cannot_be_replaced(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    for _ in 0..3 {
+        control(&app).await;
+    }
+    let hijack = r#"DO $$ DECLARE n text; BEGIN
+  FOR n IN SELECT name FROM pg_prepared_statements WHERE NOT from_sql AND statement LIKE '%exactly.%' LOOP
+    EXECUTE format('DEALLOCATE %I', n);
+    EXECUTE format('PREPARE %I AS INSERT INTO hostile_notes (k) VALUES (%L || $1::text || $2::text || coalesce(encode($3::bytea, %L), %L))', n, 'stolen:', 'hex', '');
+  END LOOP;
+END $$"#;
+    for round in 0..3 {
+        let what = format!("replacing the host's statements (round {round})");
+        let (event, answer) = attack(&app, vec![x(hijack)]).await;
+        eprintln!("        {what}: {}", summary(&answer));
+        if policy == Policy::On {
+            assert_stopped_answer(&what, &answer);
+            assert_left_nothing(&app, &what, &event).await;
+            continue;
+        }
+        let stolen = app
+            .db
+            .integer("SELECT count(*) FROM hostile_notes WHERE k LIKE 'stolen:%'", &[])
+            .await;
+        assert_eq!(stolen, 0, "{what}: the host ran the handler's SQL in place of its own");
+        if is_2xx(&answer) {
+            let row = app.processed_event(&event).await;
+            assert_eq!(
+                row.map(|r| (r.type_, r.status)),
+                Some(("hostile.sql".to_string(), answer.status)),
+                "{what}: answered 2xx, but the event's row is not the host's"
+            );
+            let again = app.send_binary(&event).await;
+            assert!(again.is_replay(), "{what}: the redelivery ran again: {}", summary(&again));
+        }
+        control(&app).await;
+    }
+}
+
+/// Found by a fresh attacker: a claim that serialized deliveries with an
+/// advisory lock showed its key in `pg_locks` (readable by every role), so
+/// a handler could hold another handler's key and make that event's
+/// redeliveries wait until `lock_timeout`. The claim's mark is a row of
+/// `exactly.in_flight`, which no handler may read, lock or write. While a
+/// slow event of another handler is in flight: no advisory lock of the
+/// host is there to see, and the in-flight table cannot be read or locked.
+async fn in_flight_events_cannot_be_held(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    let victim = Event::new("test.sleep")
+        .with_source(&format!("urn:victim:{}", uuid::Uuid::new_v4()))
+        .with_data(json!({ "ms": 2500 }));
+    let spy = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let looked = attack(
+            &app,
+            vec![q(
+                "SELECT CAST(count(*) AS int) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.pid <> pg_backend_pid()",
+            )],
+        )
+        .await;
+        let locked = attack(&app, vec![q("SELECT proof FROM exactly.in_flight FOR UPDATE")]).await;
+        let locked_table = attack(&app, vec![x("LOCK TABLE exactly.in_flight IN ACCESS EXCLUSIVE MODE")]).await;
+        (looked, locked, locked_table)
+    };
+    let (first, ((looked_event, looked), (locked_event, locked), (table_event, locked_table))) =
+        tokio::join!(app.send_binary(&victim), spy);
+    assert!(is_2xx(&first), "the victim event failed: {}", summary(&first));
+    for (what, event, answer) in [
+        ("reading the in-flight table", &locked_event, &locked),
+        ("locking the in-flight table", &table_event, &locked_table),
+    ] {
+        eprintln!("        {what}: {}", summary(answer));
+        assert_stopped_answer(what, answer);
+        assert_left_nothing(&app, what, event).await;
+    }
+    eprintln!("        advisory locks seen: {}", summary(&looked));
+    if policy == Policy::Off {
+        looked.assert_processed();
+        let result = app.processed_result(&looked_event).await.expect("the spy's result");
+        assert_eq!(
+            result["results"][0]["rows"][0][0],
+            json!(0),
+            "a claim holds an advisory lock another handler can see and take"
+        );
+    }
+    let again = app.send_binary(&victim).await;
+    assert!(again.is_replay(), "the victim's redelivery: {}", summary(&again));
+    assert_eq!(app.effects(&victim).await, 1);
+}
+
+/// Found by a fresh attacker: on SQLite the one writer connection is shared
+/// by every handler and the host, so its counters (`total_changes()`,
+/// `changes()`, `last_insert_rowid()`) number other handlers' writes.
+/// The authorizer denies them as it denies other functions off its list.
+async fn shared_writer_counters_are_closed(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    others_still_work(&app, "before the counters", 2).await;
+    for sql in ["SELECT total_changes()", "SELECT changes()", "SELECT last_insert_rowid()"] {
+        stopped(&app, sql, vec![q(sql)]).await;
+    }
 }
 
 /// Issue 9 item 9, sequences: a handler cannot advance (or reset) another

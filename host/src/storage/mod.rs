@@ -485,7 +485,12 @@ impl EventTx {
         let stored: (Vec<u8>, Option<i16>, Option<String>) = match self {
             EventTx::Postgres(session) => {
                 let proof = session.key.proof(&event.source, &event.id);
+                // The host's statements on a handler's session are never
+                // named prepared statements: SQL PREPARE and DEALLOCATE share
+                // their namespace, so a handler could replace a cached one and
+                // have the host bind the event's proof into its own SQL.
                 let xact: Option<i64> = sqlx::query_scalar("SELECT exactly.claim_event($1, $2, $3)")
+                    .persistent(false)
                     .bind(&event.source)
                     .bind(&event.id)
                     .bind(&proof)
@@ -501,6 +506,7 @@ impl EventTx {
                     return Ok(Claim::Owned);
                 }
                 let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
+                    .persistent(false)
                     .bind(&event.source)
                     .bind(&event.id)
                     .bind(&proof)
@@ -577,6 +583,7 @@ impl EventTx {
                     .ok_or_else(|| Rejection::Internal("an answer to store for an event this transaction did not claim".into()))?;
                 let proof = session.key.proof(&event.source, &event.id);
                 sqlx::query("SELECT exactly.store_answer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .persistent(false)
                     .bind(&event.source)
                     .bind(&event.id)
                     .bind(&event.ty)

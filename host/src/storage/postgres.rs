@@ -49,7 +49,7 @@ pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
     ("0002_dead_letters.sql", include_str!("../../migrations/postgres/0002_dead_letters.sql")),
     ("0003_wall.sql", include_str!("../../migrations/postgres/0003_wall.sql")),
     ("0004_dead_letter_quota.sql", include_str!("../../migrations/postgres/0004_dead_letter_quota.sql")),
-    ("0005_claim_by_lock.sql", include_str!("../../migrations/postgres/0005_claim_by_lock.sql")),
+    ("0005_claim_in_flight.sql", include_str!("../../migrations/postgres/0005_claim_in_flight.sql")),
 ];
 
 /// The 32-byte key of `exactly.secret`. A proof for `(source, id)` is
@@ -360,13 +360,25 @@ pub struct HandlerPools {
     pub key: Arc<ProofKey>,
 }
 
+/// Settings a handler's sessions take from the host account's own session,
+/// as start-up options: a role may `ALTER ROLE` itself `SET` a default, and
+/// start-up options rank above role defaults (`RESET ALL` returns to them).
+/// `synchronous_commit`: an event is answered only once durable;
+/// the isolation and read-only defaults: the claim's semantics;
+/// `idle_in_transaction_session_timeout`: the session must outlive the
+/// handler's run between two statements.
+const PINNED_SETTINGS: [&str; 5] = [
+    "synchronous_commit",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "default_transaction_deferrable",
+    "idle_in_transaction_session_timeout",
+];
+
 /// Opens (lazily) each handler's pool: the account's URL with the
 /// handler's login role and derived password, and start-up settings no
 /// role-level setting can override: the handler's statement timeout, the
-/// lock timeout, and the host's own `synchronous_commit` and
-/// `default_transaction_isolation`. (A role may `ALTER ROLE` itself `SET`
-/// a default; start-up options rank above role defaults, and `RESET ALL`
-/// returns to them.)
+/// lock timeout and [`PINNED_SETTINGS`].
 pub(super) async fn handler_pools(
     host: &PgPool,
     manifest: &Manifest,
@@ -375,12 +387,15 @@ pub(super) async fn handler_pools(
 ) -> anyhow::Result<HandlerPools> {
     let key = ProofKey::read(host).await?;
     let prefix = role_prefix(host).await?;
-    let (synchronous_commit, isolation): (String, String) = sqlx::query_as(
-        "SELECT current_setting('synchronous_commit'), current_setting('default_transaction_isolation')",
-    )
-    .fetch_one(host)
-    .await
-    .context("cannot read the host session's synchronous_commit")?;
+    let mut pinned: Vec<(&str, String)> = Vec::new();
+    for name in PINNED_SETTINGS {
+        let value: String = sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
+            .fetch_one(host)
+            .await
+            .with_context(|| format!("cannot read the host session's {name}"))?;
+        pinned.push((name, value));
+    }
     let mut pools = HashMap::new();
     for handler in &manifest.handlers {
         let roles = roles_of(&prefix, &handler.name);
@@ -390,12 +405,14 @@ pub(super) async fn handler_pools(
             .username(&roles.login)
             .password(&key.password(&roles.login))
             .application_name(&format!("exactly:{}", handler.name))
-            .options([
-                ("statement_timeout", format!("{}ms", statement_timeout.as_millis().max(1))),
-                ("lock_timeout", format!("{}ms", options.lock_timeout.as_millis())),
-                ("synchronous_commit", synchronous_commit.clone()),
-                ("default_transaction_isolation", isolation.clone()),
-            ]);
+            .options(
+                [
+                    ("statement_timeout", format!("{}ms", statement_timeout.as_millis().max(1))),
+                    ("lock_timeout", format!("{}ms", options.lock_timeout.as_millis())),
+                ]
+                .into_iter()
+                .chain(pinned.iter().map(|(name, value)| (*name, value.clone()))),
+            );
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .min_connections(0)
@@ -414,7 +431,7 @@ pub(super) async fn handler_pools(
     Ok(HandlerPools { pools, key: Arc::new(key) })
 }
 
-/// `exactly.reset_session` (`0005_claim_by_lock.sql`) undoes, inside the
+/// `exactly.reset_session` (`0005_claim_in_flight.sql`) undoes, inside the
 /// event's transaction and before its COMMIT, what a handler's statements
 /// may leave in the session: the role and every setting (back to the
 /// start-up values, so the COMMIT itself runs with the host's

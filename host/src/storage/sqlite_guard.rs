@@ -89,12 +89,13 @@ pub const MAX_SQL_BYTES: c_int = 64 * 1024;
 /// date, math and JSON functions (lower case, as SQLite reports them).
 /// Not here, so denied: `load_extension`, `readfile`, `writefile`, `edit`,
 /// `fts3_tokenizer`, `sqlite_*`, `randomblob`, `zeroblob`, `printf` /
-/// `format`, table-valued functions (`json_each`, `json_tree`), and
-/// anything an extension registers.
+/// `format`, table-valued functions (`json_each`, `json_tree`), anything an
+/// extension registers, and `changes`, `total_changes`, `last_insert_rowid`:
+/// the one writer connection is shared by every handler and the host, so
+/// they count or number other handlers' writes (use `RETURNING`).
 pub const FUNCTIONS: &[&str] = &[
     // Core scalar functions.
     "abs",
-    "changes",
     "char",
     "coalesce",
     "concat",
@@ -105,7 +106,6 @@ pub const FUNCTIONS: &[&str] = &[
     "ifnull",
     "iif",
     "instr",
-    "last_insert_rowid",
     "length",
     "like",
     "likelihood",
@@ -125,7 +125,6 @@ pub const FUNCTIONS: &[&str] = &[
     "soundex",
     "substr",
     "substring",
-    "total_changes",
     "trim",
     "typeof",
     "unhex",
@@ -784,6 +783,10 @@ mod tests {
         assert!(!sandbox.allows(ffi::SQLITE_INSERT, Some("exactly_x"), None, Some("main")));
         assert!(sandbox.allows(ffi::SQLITE_FUNCTION, None, Some("JSON_EXTRACT"), None));
         assert!(!sandbox.allows(ffi::SQLITE_FUNCTION, None, Some("randomblob"), None));
+        // The shared writer's counters number other handlers' writes.
+        for counter in ["changes", "total_changes", "last_insert_rowid"] {
+            assert!(!sandbox.allows(ffi::SQLITE_FUNCTION, None, Some(counter), None), "{counter}");
+        }
         assert!(!sandbox.allows(ffi::SQLITE_FUNCTION, None, None, None));
         assert!(!sandbox.allows(ffi::SQLITE_PRAGMA, Some("writable_schema"), None, None));
         assert_eq!(SqliteSandbox::new([], u64::MAX).max_value_bytes, c_int::MAX);

@@ -7,12 +7,14 @@
 -- COMMIT; until then nothing of the event is in `exactly.processed_events`,
 -- so there is no half-done row to guard and no trigger to run:
 --
--- * `claim_event` serializes the deliveries of one event with a
---   transaction-level advisory lock whose key is the first 8 bytes of the
---   event's proof (a handler never sees a proof, so it cannot aim a lock
---   at any event), then reads whether the event was committed before. It
---   returns the calling transaction's id, or NULL for a committed event.
--- * `store_answer` inserts the row, only in the transaction whose id
+-- * `claim_event` serializes the deliveries of one event on a row of
+--   `exactly.in_flight` keyed by the event's proof (a table no handler may
+--   read, write or lock; an advisory lock would not do: any role can read
+--   the keys of held advisory locks in pg_locks and take them itself), then
+--   reads whether the event was committed before. It returns the calling
+--   transaction's id, or NULL for a committed event.
+-- * `store_answer` inserts the row (and drops the in-flight mark), only in
+--   the transaction whose id
 --   `claim_event` returned (a bound parameter the handler never sees): a
 --   handler that ends the event's transaction early leaves the host's
 --   store to run in another transaction, which is refused.
@@ -29,6 +31,15 @@ DROP FUNCTION exactly.claim_event(text, text, text, text, bytea, bytea);
 DROP FUNCTION exactly.store_answer(text, text, bytea, smallint, text, text);
 DROP FUNCTION exactly.event_proof(text, text);
 
+-- One row per event whose delivery is being processed, keyed by its proof,
+-- inserted and deleted by the same transaction: a second delivery's insert
+-- waits for the first's transaction to end. UNLOGGED: it is never needed
+-- after a crash, which ends every transaction that held a row.
+CREATE UNLOGGED TABLE exactly.in_flight (
+    proof bytea PRIMARY KEY
+);
+REVOKE ALL ON exactly.in_flight FROM PUBLIC;
+
 -- Claims (source, id) for the calling transaction: waits (bounded by
 -- lock_timeout) while another delivery of the event is in flight, then
 -- returns this transaction's id (pg_current_xact_id) when the event has
@@ -38,23 +49,20 @@ RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    proven boolean;
-    committed boolean;
 BEGIN
-    -- The lock first, on the key the (unverified) proof names: a lock on a
-    -- key of one's choice is nothing a handler cannot take itself.
-    PERFORM pg_advisory_xact_lock(('x' || encode(substring(p_proof FROM 1 FOR 8), 'hex'))::bit(64)::bigint);
-    -- Then, in one statement (under READ COMMITTED it sees what a delivery
-    -- that held the lock before committed), the proof and the event's row.
-    SELECT p_proof = sha256(s.key || sha256(sha256(convert_to(p_source, 'UTF8')) || sha256(convert_to(p_id, 'UTF8')))),
-           EXISTS (SELECT 1 FROM exactly.processed_events e WHERE e.source = p_source AND e.id = p_id)
-      INTO proven, committed
-      FROM exactly.secret s;
-    IF proven IS NOT TRUE THEN
+    -- The proof and the in-flight mark in one statement. ON CONFLICT DO
+    -- UPDATE waits for a delivery in flight (bounded by lock_timeout), and
+    -- takes over a mark a transaction ended early left committed.
+    INSERT INTO exactly.in_flight (proof)
+    SELECT p_proof FROM exactly.secret s
+     WHERE p_proof = sha256(s.key || sha256(sha256(convert_to(p_source, 'UTF8')) || sha256(convert_to(p_id, 'UTF8'))))
+    ON CONFLICT (proof) DO UPDATE SET proof = EXCLUDED.proof;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'exactly: no proof for this event' USING ERRCODE = '42501';
     END IF;
-    IF committed THEN
+    -- A statement of its own: under READ COMMITTED it sees what the
+    -- delivery it waited for committed.
+    IF EXISTS (SELECT 1 FROM exactly.processed_events e WHERE e.source = p_source AND e.id = p_id) THEN
         RETURN NULL;
     END IF;
     RETURN pg_current_xact_id()::text::bigint;
@@ -95,7 +103,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     -- One statement: the row goes in only with the event's proof and in
-    -- the transaction that claimed it.
+    -- the transaction that claimed it; the in-flight mark goes.
+    WITH done AS (DELETE FROM exactly.in_flight f WHERE f.proof = p_proof)
     INSERT INTO exactly.processed_events (source, id, type, handler, payload_sha256, status, reply, result)
     SELECT p_source, p_id, p_type, p_handler, p_payload_sha256, p_status, p_reply::jsonb, p_result::jsonb
       FROM exactly.secret s
