@@ -20,7 +20,8 @@
 --   store to run in another transaction, which is refused.
 -- * `reset_session` undoes what a handler's statements can leave in its
 --   session; the host runs it with the event's COMMIT or ROLLBACK, in the
---   same round trip.
+--   same round trip, and checks the count of the driver's statements it
+--   returns against its statement cache.
 -- * The proof is computed inside each PL/pgSQL function (cached plans),
 --   not in a separate SQL function planned on every call:
 --   sha256(key || sha256(sha256(source) || sha256(id))), as before.
@@ -142,12 +143,13 @@ $$;
 -- `from_sql = false`, stay). Called before COMMIT, the COMMIT itself runs
 -- with the host's synchronous_commit whatever the handler set.
 CREATE FUNCTION exactly.reset_session()
-RETURNS void
+RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     prepared text[];
+    driver bigint;
     unlinked bigint;
     name text;
 BEGIN
@@ -158,18 +160,22 @@ BEGIN
     UNLISTEN *;
     EXECUTE 'CLOSE ALL';
     PERFORM pg_catalog.pg_advisory_unlock_all();
-    -- One statement for both lookups (each is one more executor run on
+    -- One statement for the lookups (each is one more executor run on
     -- every event).
     SELECT (SELECT pg_catalog.array_agg(p.name) FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql),
+           (SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements p WHERE NOT p.from_sql),
            (SELECT pg_catalog.count(pg_catalog.lo_unlink(l.oid)) FROM pg_catalog.pg_largeobject_metadata l
              WHERE l.lomowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r
                                                          WHERE r.rolname OPERATOR(pg_catalog.=) session_user))
-      INTO prepared, unlinked;
+      INTO prepared, driver, unlinked;
     IF prepared IS NOT NULL THEN
         FOREACH name IN ARRAY prepared LOOP
             EXECUTE pg_catalog.format('DEALLOCATE %I', name);
         END LOOP;
     END IF;
+    -- The driver's own statements still there: the host compares this with
+    -- its statement cache, and closes a session where a handler dropped one.
+    RETURN driver;
 END
 $$;
 

@@ -485,12 +485,14 @@ impl EventTx {
         let stored: (Vec<u8>, Option<i16>, Option<String>) = match self {
             EventTx::Postgres(session) => {
                 let proof = session.key.proof(&event.source, &event.id);
-                // The host's statements on a handler's session are never
-                // named prepared statements: SQL PREPARE and DEALLOCATE share
-                // their namespace, so a handler could replace a cached one and
-                // have the host bind the event's proof into its own SQL.
+                // SQL PREPARE and DEALLOCATE share the namespace of the
+                // driver's named statements, so a handler could replace a
+                // cached statement of the host's and have it bind the event's
+                // proof into the handler's SQL. The claim (and the read of a
+                // committed answer) may be cached: they run before the
+                // handler, on a session where `exactly.reset_session` left
+                // no statement of a handler's (`EventSession::finish`).
                 let xact: Option<i64> = sqlx::query_scalar("SELECT exactly.claim_event($1, $2, $3)")
-                    .persistent(false)
                     .bind(&event.source)
                     .bind(&event.id)
                     .bind(&proof)
@@ -506,7 +508,6 @@ impl EventTx {
                     return Ok(Claim::Owned);
                 }
                 let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
-                    .persistent(false)
                     .bind(&event.source)
                     .bind(&event.id)
                     .bind(&proof)
@@ -582,6 +583,8 @@ impl EventTx {
                     .take()
                     .ok_or_else(|| Rejection::Internal("an answer to store for an event this transaction did not claim".into()))?;
                 let proof = session.key.proof(&event.source, &event.id);
+                // Runs after the handler's statements: never a named (cached)
+                // statement, which the handler could have replaced.
                 sqlx::query("SELECT exactly.store_answer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
                     .persistent(false)
                     .bind(&event.source)

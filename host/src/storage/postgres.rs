@@ -39,7 +39,7 @@ use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres, Row, Transaction};
 
 use super::{ACQUIRE_TIMEOUT, DbOptions, HOST_OWNER, check_applied, handler_tables, read_migrations};
 use crate::manifest::{HandlerSpec, Manifest};
@@ -484,12 +484,28 @@ impl EventSession {
         self.connection.as_mut().expect("an event session is used only until it finishes")
     }
 
-    /// COMMIT (`commit`) or ROLLBACK, with the session's reset.
+    /// COMMIT (`commit`) or ROLLBACK, with the session's reset. The session
+    /// goes back to the pool only when the driver's prepared statements on
+    /// the server are still the ones it has cached: a handler that dropped
+    /// one (`DEALLOCATE`) would make the host's next statement on it fail.
     pub(super) async fn finish(mut self, commit: bool) -> Result<(), sqlx::Error> {
         let batch = if commit { RESET_AND_COMMIT } else { ROLLBACK_AND_RESET };
-        sqlx::raw_sql(batch).execute(self.connection()).await?;
-        // Clean: back to the pool.
-        drop(self.connection.take());
+        // fetch_all: every statement of the batch, COMMIT included, has
+        // completed when this returns.
+        let rows = sqlx::raw_sql(batch).fetch_all(self.connection()).await?;
+        let driver: Option<i64> = rows.first().map(|row| row.try_get(0)).transpose()?;
+        let cached = self.connection().cached_statements_size();
+        if driver.is_some_and(|driver| driver == cached as i64) {
+            // Clean: back to the pool.
+            drop(self.connection.take());
+        } else {
+            tracing::warn!(
+                server = ?driver,
+                cached,
+                "a handler's statements dropped the driver's prepared statements; closing its session"
+            );
+            // Drop detaches it.
+        }
         Ok(())
     }
 }
