@@ -1092,6 +1092,18 @@ async fn session_state_does_not_outlive_the_event(backend: Backend, policy: Poli
     );
 }
 
+/// The host account's own `synchronous_commit` (the throwaway server of
+/// `scripts/test` runs with it off), and another value for an attack to set.
+async fn host_and_other_synchronous_commit(app: &TestApp) -> (String, &'static str) {
+    let host = app
+        .db
+        .text("SELECT current_setting('synchronous_commit')", &[])
+        .await
+        .expect("synchronous_commit");
+    let other = if host == "off" { "local" } else { "off" };
+    (host, other)
+}
+
 /// What a session holds besides settings and locks: SQL `PREPARE`d
 /// statements, large objects, temporary tables, `LISTEN`s, cursors `WITH
 /// HOLD`, a session-wide `synchronous_commit = off`. None may be there when
@@ -1107,12 +1119,7 @@ async fn session_objects_do_not_outlive_the_event(backend: Backend, policy: Poli
     )
     .await;
     control(&app).await;
-    let host_commit = app
-        .db
-        .text("SELECT current_setting('synchronous_commit')", &[])
-        .await
-        .expect("synchronous_commit");
-    let evil_commit = if host_commit == "off" { "local" } else { "off" };
+    let (host_commit, evil_commit) = host_and_other_synchronous_commit(&app).await;
     let attack_statements = vec![
         x("PREPARE evil_plan AS SELECT 1"),
         q("SELECT lo_from_bytea(0, '\\x6576696c')"),
@@ -1182,19 +1189,12 @@ async fn session_objects_do_not_outlive_the_event(backend: Backend, policy: Poli
 async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
     control(&app).await;
-    // The host's own values (the throwaway server of `scripts/test` runs
-    // with synchronous_commit off), and others for the attack to set.
-    let host_commit = app
-        .db
-        .text("SELECT current_setting('synchronous_commit')", &[])
-        .await
-        .expect("synchronous_commit");
+    let (host_commit, evil_commit) = host_and_other_synchronous_commit(&app).await;
     let host_isolation = app
         .db
         .text("SELECT current_setting('default_transaction_isolation')", &[])
         .await
         .expect("default_transaction_isolation");
-    let evil_commit = if host_commit == "off" { "local" } else { "off" };
     let evil_isolation = if host_isolation == "serializable" { "repeatable read" } else { "serializable" };
     let (event, answer) = attack(
         &app,

@@ -348,13 +348,12 @@ fn check_replies(
             }
         }
     }
-    if let Some((status, stored_reply_id)) = claim {
-        if event.expects_reply() && status.starts_with('2') && stored_reply_id != &expected {
+    if let Some((status, stored_reply_id)) = claim
+        && event.expects_reply() && status.starts_with('2') && stored_reply_id != &expected {
             verdict.reply_mismatches.push(format!(
                 "{name}: the stored reply id is {stored_reply_id:?}, expected {expected}"
             ));
         }
-    }
 }
 
 fn describe(record: &EventRecord) -> String {

@@ -201,11 +201,10 @@ impl Supervisor {
                         let mut stats = self.stats.lock().unwrap();
                         // The armed point did not fire (another one did, or
                         // this was no fault): arm it again on the restart.
-                        if let Some(armed) = &running.armed {
-                            if fault.as_ref() != Some(armed) {
+                        if let Some(armed) = &running.armed
+                            && fault.as_ref() != Some(armed) {
                                 self.armed.push_front(armed.clone());
                             }
-                        }
                         match (aborted, fault) {
                             (true, Some(point)) => {
                                 *stats.fault_aborts.entry(point).or_default() += 1;

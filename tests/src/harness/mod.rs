@@ -448,11 +448,10 @@ async fn wait_ready(address: &str) -> Result<()> {
         .build()?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{address}/readyz")).send().await {
-            if response.status().is_success() {
+        if let Ok(response) = client.get(format!("{address}/readyz")).send().await
+            && response.status().is_success() {
                 return Ok(());
             }
-        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("exactly at {address} was not ready within 120 s")
