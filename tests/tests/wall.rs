@@ -1092,15 +1092,16 @@ async fn session_state_does_not_outlive_the_event(backend: Backend, policy: Poli
     );
 }
 
-/// The host account's own `synchronous_commit` (the throwaway server of
-/// `scripts/test` runs with it off), and another value for an attack to set.
-async fn host_and_other_synchronous_commit(app: &TestApp) -> (String, &'static str) {
+/// The host account's own value of `setting` (the throwaway server of
+/// `scripts/test` runs with synchronous_commit off), and the first of
+/// `candidates` that differs from it, for an attack to set.
+async fn host_value_and_another(app: &TestApp, setting: &str, candidates: [&'static str; 2]) -> (String, &'static str) {
     let host = app
         .db
-        .text("SELECT current_setting('synchronous_commit')", &[])
+        .text("SELECT current_setting($1)", &[setting])
         .await
-        .expect("synchronous_commit");
-    let other = if host == "off" { "local" } else { "off" };
+        .unwrap_or_else(|| panic!("{setting}"));
+    let other = candidates.into_iter().find(|value| *value != host).expect("two candidates");
     (host, other)
 }
 
@@ -1119,7 +1120,7 @@ async fn session_objects_do_not_outlive_the_event(backend: Backend, policy: Poli
     )
     .await;
     control(&app).await;
-    let (host_commit, evil_commit) = host_and_other_synchronous_commit(&app).await;
+    let (host_commit, evil_commit) = host_value_and_another(&app, "synchronous_commit", ["off", "local"]).await;
     let attack_statements = vec![
         x("PREPARE evil_plan AS SELECT 1"),
         q("SELECT lo_from_bytea(0, '\\x6576696c')"),
@@ -1189,13 +1190,9 @@ async fn session_objects_do_not_outlive_the_event(backend: Backend, policy: Poli
 async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
     control(&app).await;
-    let (host_commit, evil_commit) = host_and_other_synchronous_commit(&app).await;
-    let host_isolation = app
-        .db
-        .text("SELECT current_setting('default_transaction_isolation')", &[])
-        .await
-        .expect("default_transaction_isolation");
-    let evil_isolation = if host_isolation == "serializable" { "repeatable read" } else { "serializable" };
+    let (host_commit, evil_commit) = host_value_and_another(&app, "synchronous_commit", ["off", "local"]).await;
+    let (host_isolation, evil_isolation) =
+        host_value_and_another(&app, "default_transaction_isolation", ["serializable", "repeatable read"]).await;
     let (event, answer) = attack(
         &app,
         vec![

@@ -562,12 +562,14 @@ impl EventTx {
         Ok(Claim::Duplicate { payload_sha256, answer: Box::new(Committed { status: status as u16, reply }) })
     }
 
-    /// Stores the answer on the claim row. It must update exactly one row:
-    /// that proves the transaction is alive right before COMMIT (an aborted
-    /// PostgreSQL transaction would fail here instead of letting COMMIT
-    /// quietly roll back), and on PostgreSQL that the claim is this
-    /// transaction's own. Every value is a bound parameter: nothing here
-    /// depends on a setting the handler could have changed.
+    /// Stores the answer. Either way it is a statement that fails in an
+    /// aborted transaction, which proves the transaction alive right before
+    /// COMMIT (an aborted PostgreSQL transaction would otherwise let COMMIT
+    /// quietly roll back). On PostgreSQL `exactly.store_answer` inserts the
+    /// event's row, only in the transaction that claimed it (it raises
+    /// otherwise); on SQLite the UPDATE of the claim row must find exactly
+    /// that row. Every value is a bound parameter: nothing here depends on a
+    /// setting the handler could have changed.
     pub async fn store_answer(&mut self, event: &CloudEvent, answer: &Committed, result: &str) -> Result<(), Rejection> {
         let reply = answer
             .reply
@@ -576,7 +578,7 @@ impl EventTx {
             .transpose()
             .map_err(|e| Rejection::Internal(e.to_string()))?;
         let status = answer.status as i16;
-        let updated = match self {
+        match self {
             EventTx::Postgres(session) => {
                 let claimed = session
                     .claimed
@@ -599,25 +601,28 @@ impl EventTx {
                     .bind(result)
                     .execute(session.connection())
                     .await
-                    .map(|_| 1)
+                    .map_err(classify)?;
+                Ok(())
             }
-            EventTx::Sqlite(tx, _) => sqlx::query(
-                "UPDATE exactly_processed_events SET status = ?3, reply = ?4, result = ?5 WHERE source = ?1 AND id = ?2",
-            )
-            .bind(&event.source)
-            .bind(&event.id)
-            .bind(status)
-            .bind(reply)
-            .bind(result)
-            .execute(&mut **tx)
-            .await
-            .map(|r| r.rows_affected()),
-        }
-        .map_err(classify)?;
-        if updated == 1 {
-            Ok(())
-        } else {
-            Err(Rejection::Internal(format!("storing the answer updated {updated} rows instead of 1")))
+            EventTx::Sqlite(tx, _) => {
+                let updated = sqlx::query(
+                    "UPDATE exactly_processed_events SET status = ?3, reply = ?4, result = ?5 WHERE source = ?1 AND id = ?2",
+                )
+                .bind(&event.source)
+                .bind(&event.id)
+                .bind(status)
+                .bind(reply)
+                .bind(result)
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+                if updated == 1 {
+                    Ok(())
+                } else {
+                    Err(Rejection::Internal(format!("storing the answer updated {updated} rows instead of 1")))
+                }
+            }
         }
     }
 

@@ -387,15 +387,15 @@ pub(super) async fn handler_pools(
 ) -> anyhow::Result<HandlerPools> {
     let key = ProofKey::read(host).await?;
     let prefix = role_prefix(host).await?;
-    let mut pinned: Vec<(&str, String)> = Vec::new();
-    for name in PINNED_SETTINGS {
-        let value: String = sqlx::query_scalar("SELECT current_setting($1)")
-            .bind(name)
-            .fetch_one(host)
-            .await
-            .with_context(|| format!("cannot read the host session's {name}"))?;
-        pinned.push((name, value));
-    }
+    // One round trip for all of them, in their order.
+    let values: Vec<String> = sqlx::query_scalar(
+        "SELECT current_setting(s.name) FROM unnest($1::text[]) WITH ORDINALITY AS s(name, position) ORDER BY s.position",
+    )
+    .bind(PINNED_SETTINGS)
+    .fetch_all(host)
+    .await
+    .context("cannot read the host session's settings")?;
+    let pinned: Vec<(&str, String)> = PINNED_SETTINGS.into_iter().zip(values).collect();
     let mut pools = HashMap::new();
     for handler in &manifest.handlers {
         let roles = roles_of(&prefix, &handler.name);
