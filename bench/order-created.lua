@@ -1,6 +1,9 @@
 -- wrk script: every request is a new order.created event (unique id), so
 -- each one runs the full claim + handler + commit path.
 -- Each wrk thread numbers its own events; the thread id keeps them apart.
+-- Seeded: two runs against one database (a warm-up, then the measurement)
+-- must not send the same ids, or the second measures replays.
+math.randomseed(os.time())
 local counter = 0
 local thread_tag = ""
 

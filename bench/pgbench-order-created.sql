@@ -1,6 +1,9 @@
--- The per-event transaction exactly runs for one order.created event, as a
--- pgbench script: the same statements, the same round trips, no wasm and no
--- HTTP. Its TPS is the database's own ceiling for this workload.
+-- The per-event transaction of one order.created event, as a pgbench
+-- script: the same rows written (claim, the handler's two inserts, the
+-- answer), no wasm and no HTTP. These are the plain statements exactly ran
+-- before the database wall; on PostgreSQL it now claims and answers through
+-- exactly.claim_event / exactly.store_answer and resets the session
+-- (README, "Performance"). Its TPS is the database's ceiling for the work.
 -- (No colons in literals: pgbench would read `:name` as a variable.)
 \set n random(1, 2000000000)
 BEGIN;

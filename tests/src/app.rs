@@ -590,10 +590,13 @@ impl TestApp {
         Answer::read(response).await
     }
 
-    /// The host's record of `(source, id)`: present iff the event committed.
+    /// The host's record of `(source, id)`: present iff the event committed
+    /// with its answer. (On PostgreSQL a claim row without an answer
+    /// commits only when a handler ended the event's transaction itself;
+    /// it is not an answered event, and the next delivery takes it over.)
     pub async fn processed(&self, source: &str, id: &str) -> Option<ProcessedEvent> {
         let sql = format!(
-            r#"SELECT CAST("type" AS TEXT), CAST(status AS TEXT) FROM {} WHERE source = $1 AND id = $2"#,
+            r#"SELECT CAST("type" AS TEXT), CAST(status AS TEXT) FROM {} WHERE source = $1 AND id = $2 AND status IS NOT NULL"#,
             self.backend().processed_events_table()
         );
         let mut rows = self.db.rows(&sql, &[source, id]).await;

@@ -77,8 +77,9 @@ async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
         db.execute(&format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"), &[])
             .await;
     }
-    // The functions of 0003_wall.sql as 0005_claim_in_flight.sql left them:
-    // the upgrade runs 0003 (trigger and all), then 0005 again.
+    // The functions of 0003_wall.sql as 0005_claim_in_flight.sql and
+    // 0006_claim_row.sql left them: the upgrade runs 0003 (trigger and
+    // all), then 0005 and 0006 again.
     db.execute(
         "DROP FUNCTION exactly.claim_event, exactly.store_answer, exactly.committed_answer, exactly.reset_session, \
          exactly.prepare_handler_roles, exactly.grant_handler_tables, exactly.reassign_table",
@@ -86,9 +87,8 @@ async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
     )
     .await;
     db.execute("DROP TABLE exactly.secret", &[]).await;
-    db.execute("DROP TABLE exactly.in_flight", &[]).await;
     db.execute(
-        "DELETE FROM exactly.migrations WHERE name IN ('0003_wall.sql', '0005_claim_in_flight.sql')",
+        "DELETE FROM exactly.migrations WHERE name IN ('0003_wall.sql', '0005_claim_in_flight.sql', '0006_claim_row.sql')",
         &[],
     )
     .await;

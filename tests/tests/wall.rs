@@ -106,6 +106,7 @@ wall!([postgres]:
     session_objects_do_not_outlive_the_event,
     role_defaults_do_not_reach_the_session,
     host_statements_cannot_be_replaced,
+    handlers_cannot_store_answers,
     in_flight_events_cannot_be_held,
     other_handlers_sequences,
 );
@@ -805,6 +806,7 @@ async fn functions_that_run_sql_strings(backend: Backend, policy: Policy) {
         "SELECT exactly.event_proof('urn:x', 'forged')",
         "SELECT * FROM exactly.claim_event('urn:x', 'forged', 't', 'hostile', '\\x00', '\\x00')",
         "SELECT exactly.store_answer('urn:x', 'forged', '\\x00', 202::smallint, NULL, '{}')",
+        "SELECT exactly.store_answer('urn:x', 'forged', 't', 'hostile', '\\x00', 202::smallint, NULL, '{}')",
     ] {
         stopped(&app, sql, vec![q(sql)]).await;
         assert_eq!(
@@ -1264,26 +1266,37 @@ async fn role_defaults_do_not_reach_the_session(backend: Backend, policy: Policy
 }
 
 /// Found by a fresh attacker: SQL `PREPARE` and `DEALLOCATE` share the
-/// namespace of the driver's named prepared statements. Had the host cached
-/// its `store_answer` call on the handler's session, the handler could
-/// replace it with its own SQL, and the host would bind the event's proof
-/// and transaction id into it (and skip or forge the event's row). The
-/// attack replaces every driver statement that calls into schema `exactly`
-/// with one that writes its parameters to `hostile_notes`; whatever it
-/// finds, no proof may reach the handler, and an event answered 2xx must
-/// be recorded as the host stored it and replayed.
+/// namespace of the driver's named prepared statements, so a handler can
+/// replace a cached statement of the host's with its own SQL, which the
+/// host then runs with its parameters. The host's statements on the
+/// handler's session bind no secret (`store_answer` finds the claim its
+/// transaction wrote by itself), and the host checks the receipt only the real
+/// `store_answer` returns. The attack replaces every driver statement that
+/// calls into schema `exactly`, in turn with one that writes its
+/// parameters to `hostile_notes`, and with one of the same parameter types
+/// that returns a forged receipt; whatever it finds, an event answered 2xx
+/// must be recorded as the host stored it and replayed.
 async fn host_statements_cannot_be_replaced(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
     for _ in 0..3 {
         control(&app).await;
     }
-    let hijack = r#"DO $$ DECLARE n text; BEGIN
+    let steal = r#"DO $$ DECLARE n text; BEGIN
   FOR n IN SELECT name FROM pg_prepared_statements WHERE NOT from_sql AND statement LIKE '%exactly.%' LOOP
     EXECUTE format('DEALLOCATE %I', n);
     EXECUTE format('PREPARE %I AS INSERT INTO hostile_notes (k) VALUES (%L || $1::text || $2::text || coalesce(encode($3::bytea, %L), %L))', n, 'stolen:', 'hex', '');
   END LOOP;
 END $$"#;
-    for round in 0..3 {
+    let forge = r#"DO $$ DECLARE p record; BEGIN
+  FOR p IN SELECT name, array_to_string(parameter_types::text[], ', ') AS types FROM pg_prepared_statements
+            WHERE NOT from_sql AND statement LIKE '%exactly.%' LOOP
+    EXECUTE format('DEALLOCATE %I', p.name);
+    EXECUTE format('PREPARE %I%s AS SELECT sha256(%L::bytea)', p.name,
+                   CASE WHEN p.types = '' THEN '' ELSE '(' || p.types || ')' END, 'forged');
+  END LOOP;
+END $$"#;
+    let mut forged_refused = 0;
+    for (round, hijack) in [steal, forge, steal, forge].into_iter().enumerate() {
         let what = format!("replacing the host's statements (round {round})");
         let (event, answer) = attack(&app, vec![x(hijack)]).await;
         eprintln!("        {what}: {}", summary(&answer));
@@ -1306,18 +1319,69 @@ END $$"#;
             );
             let again = app.send_binary(&event).await;
             assert!(again.is_replay(), "{what}: the redelivery ran again: {}", summary(&again));
+        } else if hijack == forge && answer.body_text().contains("not stored by the host's statement") {
+            forged_refused += 1;
         }
         control(&app).await;
     }
+    if policy == Policy::Off {
+        // Sequential events reuse the one pooled session, on which the
+        // control event cached the host's statements: the forgery did
+        // replace the host's store at least once, and was caught.
+        assert!(forged_refused > 0, "no forged receipt reached the host: the test proved nothing");
+    }
+}
+
+/// `exactly.store_answer` takes no proof: it answers only a claim row its
+/// own transaction wrote, and `claim_event` writes one only with the
+/// event's proof. A handler that calls it gets nothing: for another event
+/// (answered, or never seen) its transaction holds no claim; for its own
+/// event it answers the claim with a forged answer, but then the host's
+/// store finds no claim left to answer and the whole event rolls back,
+/// answered with an error, never 2xx.
+async fn handlers_cannot_store_answers(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    control(&app).await;
+    let target = victim(&app).await;
+    let store = |source: &str, id: &str| {
+        stmt(
+            "SELECT exactly.store_answer($1, $2, 'hostile.sql', 'hostile', '\\x00', 299::smallint, NULL, '{}')",
+            json!([source, id]),
+            true,
+        )
+    };
+    stopped(
+        &app,
+        "storing the victim's answer",
+        vec![store(&target.event.source, &target.event.id)],
+    )
+    .await;
+    assert_victim_intact(&app, "after storing the victim's answer", &target).await;
+
+    let unseen = format!("unseen-{}", uuid::Uuid::new_v4());
+    stopped(&app, "storing an unseen event's answer", vec![store("urn:unseen", &unseen)]).await;
+    assert_eq!(app.processed("urn:unseen", &unseen).await, None, "an unseen event was recorded");
+
+    let own = sql_event(Vec::new());
+    let own = own.clone().with_data(json!({ "statements": [store(&own.source, &own.id)], "result_from": null }));
+    for delivery in ["first delivery", "redelivery"] {
+        let what = format!("storing its own answer ({delivery})");
+        let answer = app.send_binary(&own).await;
+        eprintln!("        {what}: {}", summary(&answer));
+        assert_stopped_answer(&what, &answer);
+        assert_eq!(app.processed_event(&own).await, None, "{what}: the forged row committed");
+    }
+    others_still_work(&app, "after a handler stored answers", 4).await;
 }
 
 /// Found by a fresh attacker: a claim that serialized deliveries with an
 /// advisory lock showed its key in `pg_locks` (readable by every role), so
 /// a handler could hold another handler's key and make that event's
-/// redeliveries wait until `lock_timeout`. The claim's mark is a row of
-/// `exactly.in_flight`, which no handler may read, lock or write. While a
-/// slow event of another handler is in flight: no advisory lock of the
-/// host is there to see, and the in-flight table cannot be read or locked.
+/// redeliveries wait until `lock_timeout`. A delivery in flight is marked
+/// by its claim row in `exactly.processed_events`, which no handler may
+/// read, lock or write. While a slow event of another handler is in
+/// flight: no advisory lock of the host is there to see, and the claims
+/// cannot be read or locked.
 async fn in_flight_events_cannot_be_held(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
     control(&app).await;
@@ -1333,16 +1397,16 @@ async fn in_flight_events_cannot_be_held(backend: Backend, policy: Policy) {
             )],
         )
         .await;
-        let locked = attack(&app, vec![q("SELECT proof FROM exactly.in_flight FOR UPDATE")]).await;
-        let locked_table = attack(&app, vec![x("LOCK TABLE exactly.in_flight IN ACCESS EXCLUSIVE MODE")]).await;
+        let locked = attack(&app, vec![q("SELECT source, id FROM exactly.processed_events WHERE status IS NULL FOR UPDATE")]).await;
+        let locked_table = attack(&app, vec![x("LOCK TABLE exactly.processed_events IN ACCESS EXCLUSIVE MODE")]).await;
         (looked, locked, locked_table)
     };
     let (first, ((looked_event, looked), (locked_event, locked), (table_event, locked_table))) =
         tokio::join!(app.send_binary(&victim), spy);
     assert!(is_2xx(&first), "the victim event failed: {}", summary(&first));
     for (what, event, answer) in [
-        ("reading the in-flight table", &locked_event, &locked),
-        ("locking the in-flight table", &table_event, &locked_table),
+        ("locking the claims in flight", &locked_event, &locked),
+        ("locking the claims table", &table_event, &locked_table),
     ] {
         eprintln!("        {what}: {}", summary(answer));
         assert_stopped_answer(what, answer);

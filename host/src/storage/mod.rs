@@ -492,19 +492,20 @@ impl EventTx {
                 // committed answer) may be cached: they run before the
                 // handler, on a session where `exactly.reset_session` left
                 // no statement of a handler's (`EventSession::finish`).
-                let xact: Option<i64> = sqlx::query_scalar("SELECT exactly.claim_event($1, $2, $3)")
-                    .bind(&event.source)
-                    .bind(&event.id)
-                    .bind(&proof)
-                    .fetch_one(session.connection())
-                    .await
-                    .map_err(classify)?;
-                if let Some(xact) = xact {
-                    session.claimed = Some(postgres::Claimed {
-                        xact,
-                        handler: handler.to_owned(),
-                        payload_sha256: payload_sha256.to_vec(),
-                    });
+                let (claimed, backend_pid): (Option<bool>, i32) =
+                    sqlx::query_as("SELECT exactly.claim_event($1, $2, $3, $4, $5, $6), pg_backend_pid()")
+                        .bind(&event.source)
+                        .bind(&event.id)
+                        .bind(&proof)
+                        .bind(&event.ty)
+                        .bind(handler)
+                        .bind(payload_sha256)
+                        .fetch_one(session.connection())
+                        .await
+                        .map_err(classify)?;
+                session.backend_pid = Some(backend_pid);
+                if claimed == Some(true) {
+                    session.claimed = true;
                     return Ok(Claim::Owned);
                 }
                 let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
@@ -580,28 +581,39 @@ impl EventTx {
         let status = answer.status as i16;
         match self {
             EventTx::Postgres(session) => {
-                let claimed = session
-                    .claimed
-                    .take()
-                    .ok_or_else(|| Rejection::Internal("an answer to store for an event this transaction did not claim".into()))?;
-                let proof = session.key.proof(&event.source, &event.id);
-                // Runs after the handler's statements: never a named (cached)
-                // statement, which the handler could have replaced.
-                sqlx::query("SELECT exactly.store_answer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                    .persistent(false)
+                if !std::mem::take(&mut session.claimed) {
+                    return Err(Rejection::Internal("an answer to store for an event this transaction did not claim".into()));
+                }
+                // Runs after the handler's statements, so it may run a
+                // statement of the handler's that took the name of the
+                // host's cached one: it takes no secret (the function finds
+                // the claim this transaction wrote by itself), and only the
+                // real function returns the event's receipt.
+                let receipt: Option<Vec<u8>> = sqlx::query_scalar("SELECT exactly.store_answer($1, $2, $3, $4, $5)")
                     .bind(&event.source)
                     .bind(&event.id)
-                    .bind(&event.ty)
-                    .bind(&claimed.handler)
-                    .bind(&claimed.payload_sha256)
-                    .bind(proof)
-                    .bind(claimed.xact)
                     .bind(status)
                     .bind(reply)
                     .bind(result)
-                    .execute(session.connection())
+                    .fetch_optional(session.connection())
                     .await
-                    .map_err(classify)?;
+                    .map_err(|error| {
+                        // A server's refusal leaves the session as it was;
+                        // an answer of another shape came from another
+                        // statement.
+                        if !matches!(error, sqlx::Error::Database(_)) {
+                            session.tainted = true;
+                        }
+                        classify(error)
+                    })?
+                    .flatten();
+                let expected = postgres::ProofKey::receipt(&session.key.proof(&event.source, &event.id));
+                if receipt.as_deref() != Some(expected.as_slice()) {
+                    session.tainted = true;
+                    return Err(Rejection::Internal(
+                        "the event's answer was not stored by the host's statement (a handler replaced it)".into(),
+                    ));
+                }
                 Ok(())
             }
             EventTx::Sqlite(tx, _) => {
@@ -629,7 +641,7 @@ impl EventTx {
     /// The PostgreSQL server process of this event's session, once claimed.
     pub fn backend_pid(&self) -> Option<i32> {
         match self {
-            EventTx::Postgres(session) => Some(session.backend_pid),
+            EventTx::Postgres(session) => session.backend_pid,
             EventTx::Sqlite(..) => None,
         }
     }

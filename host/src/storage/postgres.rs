@@ -5,18 +5,18 @@
 //! member of no other role and holds `SELECT, INSERT, UPDATE, DELETE` on
 //! the handler's tables (those its migrations created, read from the
 //! database, plus its `uses`), `USAGE` on their sequences, and `EXECUTE` on
-//! the two bookkeeping functions of `0003_wall.sql`. No `SET ROLE`,
-//! `RESET ROLE`, `set_config` or function call can give such a session
-//! more, because `RESET ROLE` returns to the session user, which *is* the
-//! handler's role.
+//! the bookkeeping functions. No `SET ROLE`, `RESET ROLE`, `set_config` or
+//! function call can give such a session more, because `RESET ROLE`
+//! returns to the session user, which *is* the handler's role.
 //!
 //! The host's bookkeeping on that session (claiming the event, storing its
-//! answer) goes through `exactly.claim_event` and `exactly.store_answer`,
-//! `SECURITY DEFINER` functions with a fixed `search_path` that take only
-//! bound parameters and act only on the event a proof names (see
-//! [`ProofKey`]); `store_answer` only on a claim the calling transaction
-//! itself inserted. A handler that runs arbitrary SQL never sees a proof,
-//! so it cannot claim, read or answer another event.
+//! answer) goes through `exactly.claim_event` and `exactly.store_answer`
+//! (`0006_claim_row.sql`), `SECURITY DEFINER` functions with a fixed
+//! `search_path` that take only bound parameters: the claim only with the
+//! event's proof (see [`ProofKey`]), the answer only into a claim the
+//! calling transaction itself wrote, returning a receipt the host checks
+//! ([`ProofKey::receipt`]). A handler that runs arbitrary SQL never sees a
+//! proof, so it cannot claim, read or answer another event.
 //!
 //! Each handler's tables belong to a NOLOGIN owner role
 //! (`exactly_<digest>_<handler>_owner`) and its migrations run under it:
@@ -50,6 +50,7 @@ pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
     ("0003_wall.sql", include_str!("../../migrations/postgres/0003_wall.sql")),
     ("0004_dead_letter_quota.sql", include_str!("../../migrations/postgres/0004_dead_letter_quota.sql")),
     ("0005_claim_in_flight.sql", include_str!("../../migrations/postgres/0005_claim_in_flight.sql")),
+    ("0006_claim_row.sql", include_str!("../../migrations/postgres/0006_claim_row.sql")),
 ];
 
 /// The 32-byte key of `exactly.secret`. A proof for `(source, id)` is
@@ -68,6 +69,16 @@ impl ProofKey {
         outer.update(self.0);
         outer.update(inner.finalize());
         outer.finalize().to_vec()
+    }
+
+    /// What `exactly.store_answer` returns when it stored the event's row:
+    /// `sha256(proof || "stored")`. A statement of a handler's that took
+    /// the place of the host's cached call cannot compute it.
+    pub fn receipt(proof: &[u8]) -> Vec<u8> {
+        let mut digest = Sha256::new();
+        digest.update(proof);
+        digest.update(b"stored");
+        digest.finalize().to_vec()
     }
 
     /// The password of a handler's LOGIN role: derived from the key, so
@@ -431,13 +442,14 @@ pub(super) async fn handler_pools(
     Ok(HandlerPools { pools, key: Arc::new(key) })
 }
 
-/// `exactly.reset_session` (`0005_claim_in_flight.sql`) undoes, inside the
-/// event's transaction and before its COMMIT, what a handler's statements
-/// may leave in the session: the role and every setting (back to the
-/// start-up values, so the COMMIT itself runs with the host's
-/// `synchronous_commit` whatever the handler set), temporary tables,
-/// sequence caches, `LISTEN`s, cursors, advisory locks (released at once),
-/// large objects and SQL-level prepared statements.
+/// `exactly.reset_session` (`0005_claim_in_flight.sql`, read once in
+/// `0006_claim_row.sql`) undoes, inside the event's transaction and
+/// before its COMMIT, what a handler's statements may leave in the session:
+/// the role and every setting (back to the start-up values, so the COMMIT
+/// itself runs with the host's `synchronous_commit` whatever the handler
+/// set), temporary tables, sequence caches, `LISTEN`s, cursors, advisory
+/// locks (released at once), large objects and SQL-level prepared
+/// statements.
 const RESET_AND_COMMIT: &str = "SELECT exactly.reset_session(); COMMIT";
 /// The same after a ROLLBACK (only a warning when the handler's statements
 /// already ended the transaction).
@@ -447,37 +459,32 @@ const ROLLBACK_AND_RESET: &str = "ROLLBACK; SELECT exactly.reset_session()";
 /// key that proves its claim to the bookkeeping functions. BEGIN, the
 /// claim, the handler's statements, the answer, then COMMIT or ROLLBACK
 /// together with the session's reset, in one round trip
-/// ([`EventSession::finish`]). A session whose reset fails, or an event
-/// dropped before it finished, closes its connection instead of pooling
-/// it (the server rolls back what was open).
+/// ([`EventSession::finish`]). A session whose reset fails, whose answer
+/// came back without the host's receipt, or whose event was dropped before
+/// it finished, closes its connection instead of pooling it (the server
+/// rolls back what was open).
 pub struct EventSession {
     connection: Option<PoolConnection<Postgres>>,
     pub(super) key: Arc<ProofKey>,
-    /// The session's server process (the host cancels its statement when
-    /// the event's deadline passes).
-    pub(super) backend_pid: i32,
-    /// What `store_answer` needs of the claim: the transaction id
-    /// `exactly.claim_event` returned, the handler and the payload digest.
-    pub(super) claimed: Option<Claimed>,
-}
-
-pub(super) struct Claimed {
-    pub xact: i64,
-    pub handler: String,
-    pub payload_sha256: Vec<u8>,
+    /// The session's server process, read with the claim (the host cancels
+    /// its statement when the event's deadline passes).
+    pub(super) backend_pid: Option<i32>,
+    /// This transaction claimed its event (`exactly.claim_event` inserted
+    /// the claim row `exactly.store_answer` answers).
+    pub(super) claimed: bool,
+    /// A host statement on this session did not do what the host sent
+    /// (a handler replaced it): never pool the session again.
+    pub(super) tainted: bool,
 }
 
 impl EventSession {
     pub(super) async fn begin(pool: &PgPool, key: Arc<ProofKey>) -> Result<EventSession, sqlx::Error> {
         let mut connection = pool.acquire().await?;
-        let backend_pid = match sqlx::raw_sql("BEGIN; SELECT pg_backend_pid()").fetch_one(&mut *connection).await {
-            Ok(row) => row.try_get(0)?,
-            Err(error) => {
-                drop(connection.detach());
-                return Err(error);
-            }
-        };
-        Ok(EventSession { connection: Some(connection), key, backend_pid, claimed: None })
+        if let Err(error) = sqlx::raw_sql("BEGIN").execute(&mut *connection).await {
+            drop(connection.detach());
+            return Err(error);
+        }
+        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claimed: false, tainted: false })
     }
 
     pub(super) fn connection(&mut self) -> &mut PgConnection {
@@ -485,9 +492,10 @@ impl EventSession {
     }
 
     /// COMMIT (`commit`) or ROLLBACK, with the session's reset. The session
-    /// goes back to the pool only when the driver's prepared statements on
-    /// the server are still the ones it has cached: a handler that dropped
-    /// one (`DEALLOCATE`) would make the host's next statement on it fail.
+    /// goes back to the pool only when it is not tainted and the driver's
+    /// prepared statements on the server are still the ones it has cached:
+    /// a handler that dropped one (`DEALLOCATE`) would make the host's next
+    /// statement on it fail.
     pub(super) async fn finish(mut self, commit: bool) -> Result<(), sqlx::Error> {
         let batch = if commit { RESET_AND_COMMIT } else { ROLLBACK_AND_RESET };
         // fetch_all: every statement of the batch, COMMIT included, has
@@ -495,14 +503,15 @@ impl EventSession {
         let rows = sqlx::raw_sql(batch).fetch_all(self.connection()).await?;
         let driver: Option<i64> = rows.first().map(|row| row.try_get(0)).transpose()?;
         let cached = self.connection().cached_statements_size();
-        if driver.is_some_and(|driver| driver == cached as i64) {
+        if !self.tainted && driver.is_some_and(|driver| driver == cached as i64) {
             // Clean: back to the pool.
             drop(self.connection.take());
         } else {
             tracing::warn!(
                 server = ?driver,
                 cached,
-                "a handler's statements dropped the driver's prepared statements; closing its session"
+                tainted = self.tainted,
+                "a handler's statements replaced or dropped the driver's prepared statements; closing its session"
             );
             // Drop detaches it.
         }
