@@ -204,6 +204,35 @@ pub fn check_params(params: &[Value], max_bytes: u64) -> Result<(), StatementErr
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 type SqliteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
 
+/// The text a PostgreSQL handler statement is prepared (and cached) under:
+/// the handler's text behind a comment naming the kind of each parameter,
+/// so a text run again with values of other kinds is prepared again. The
+/// driver caches prepared statements by text alone, with the parameter
+/// types of their first use, and binds later values in their own binary
+/// form: the float 3.0 bound where an integer was first would be read as
+/// the integer 4613937818241073152 (issue 10). The comment holds only
+/// kind letters, never a value, and ends before the handler's text begins.
+pub fn postgres_statement_text(sql: &str, params: &[Value]) -> String {
+    if params.is_empty() {
+        return sql.to_owned();
+    }
+    let kinds: String = params
+        .iter()
+        .map(|param| match param {
+            Value::Null => 'n',
+            Value::Boolean(_) => 'b',
+            Value::Int(_) => 'i',
+            Value::Float(_) => 'f',
+            Value::Text(_) => 't',
+            Value::Bytes(_) => 'y',
+            Value::Json(_) => 'j',
+            Value::Numeric(_) => 'd',
+            Value::Timestamp(_) => 's',
+        })
+        .collect();
+    format!("/* exactly parameters: {kinds} */ {sql}")
+}
+
 pub fn bind_postgres(mut query: PgQuery<'_>, params: Vec<Value>) -> Result<PgQuery<'_>, StatementError> {
     for (index, param) in params.into_iter().enumerate() {
         let n = index + 1;

@@ -677,7 +677,9 @@ impl EventTx {
     ) -> Result<StatementOutput, StatementError> {
         match self {
             EventTx::Postgres(session) => {
-                let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(sql)), params)?;
+                // Cached per text and parameter kinds (see there).
+                let text = convert::postgres_statement_text(&sql, &params);
+                let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(text)), params)?;
                 if want_rows {
                     let stream = query.fetch(session.connection());
                     collect_rows(stream, caps, convert::row_from_postgres).await
