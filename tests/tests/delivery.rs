@@ -2,7 +2,10 @@
 //! redelivery, in either HTTP mode and however many at once, gets the stored
 //! answer back without running the handler again.
 
-use exactly_e2e::{Backend, Event, TestApp, both_backends, json};
+use std::time::{Duration, Instant};
+
+use exactly_e2e::app::standard_handlers;
+use exactly_e2e::{Backend, Event, TestApp, TestEnv, both_backends, json};
 use futures::future::join_all;
 
 both_backends!(
@@ -13,12 +16,41 @@ both_backends!(
     reply_event_is_replayed_with_the_same_id,
     reused_key_with_other_payload_is_rejected,
     percent_encoded_source_is_decoded,
+    readiness_does_not_wait_for_events,
 );
 
 async fn health_endpoints_answer(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.get("/healthz").await.assert_status(200);
     app.get("/readyz").await.assert_status(200);
+}
+
+/// Issue 10 item 14: `/readyz` must not queue behind events. With every
+/// event session taken (one connection; SQLite's one writer) by an event
+/// that sleeps 3 s, a probe sent meanwhile is answered 200 before that
+/// event is: a busy pod is not taken out of rotation.
+async fn readiness_does_not_wait_for_events(backend: Backend) {
+    let app = TestEnv::with_handlers(backend, standard_handlers())
+        .await
+        .serve_with_flags(&["--db-max-connections", "1"])
+        .await;
+    let slow = Event::new("test.sleep").with_data(json!({ "ms": 3000 }));
+    let event = async {
+        let answer = app.send_binary(&slow).await;
+        (answer, Instant::now())
+    };
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let answer = app.get("/readyz").await;
+        (answer, Instant::now())
+    };
+    let ((answered, answered_at), (ready, probed_at)) = tokio::join!(event, probe);
+    answered.assert_processed();
+    ready.assert_status(200);
+    assert!(
+        probed_at < answered_at,
+        "/readyz was answered only after the event that held the database session"
+    );
 }
 
 fn order_created(order_id: &str) -> Event {

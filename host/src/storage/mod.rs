@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, PgPool, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Connection, PgPool, Row, Sqlite, SqlitePool, Transaction};
 
 use crate::answer::{Committed, LimitKind, Rejection, ReplyEvent};
 use crate::convert::{self, Rows, StatementError, StatementOutput, Value};
@@ -229,11 +229,25 @@ impl Database {
         }
     }
 
-    /// True when a trivial query answers.
+    /// True when a trivial query answers (`/readyz`), without queueing
+    /// behind events: on PostgreSQL through the host's own pool, which no
+    /// event holds (events run on their handlers' pools); on SQLite on a
+    /// connection of its own, read-only, opened for the probe, since
+    /// events hold the one writer for as long as they run (issue 10).
     pub async fn ping(&self) -> bool {
         match self {
             Database::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
-            Database::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+            Database::Sqlite(pool) => {
+                let options = pool.connect_options().as_ref().clone().read_only(true).create_if_missing(false);
+                match SqliteConnection::connect_with(&options).await {
+                    Ok(mut connection) => {
+                        let answered = sqlx::query("SELECT 1").execute(&mut connection).await.is_ok();
+                        let _ = connection.close().await;
+                        answered
+                    }
+                    Err(_) => false,
+                }
+            }
         }
     }
 
