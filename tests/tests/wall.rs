@@ -109,6 +109,8 @@ wall!([postgres]:
     handlers_cannot_store_answers,
     in_flight_events_cannot_be_held,
     other_handlers_sequences,
+    own_receipt_forges_the_hosts_store,
+    early_non_durable_commit_answered_2xx,
 );
 wall!([sqlite]: sqlite_multi_statement_texts, shared_writer_counters_are_closed);
 
@@ -1345,7 +1347,7 @@ async fn handlers_cannot_store_answers(backend: Backend, policy: Policy) {
     let target = victim(&app).await;
     let store = |source: &str, id: &str| {
         stmt(
-            "SELECT exactly.store_answer($1, $2, 'hostile.sql', 'hostile', '\\x00', 299::smallint, NULL, '{}')",
+            "SELECT exactly.store_answer($1, $2, 299::smallint, NULL, '{}')",
             json!([source, id]),
             true,
         )
@@ -1641,4 +1643,106 @@ async fn sqlite_multi_statement_texts(backend: Backend, policy: Policy) {
         "test_effects lost rows"
     );
     assert_victim_intact(&app, "after the multi-statement texts", &target).await;
+}
+
+/// Found by a fresh attacker: `exactly.store_answer` hands its receipt to
+/// whoever calls it in the claiming transaction, the handler included. A
+/// handler answers its own claim with an answer of its own choosing
+/// (status 299 here), keeps the receipt it got back, and replaces the
+/// host's cached `store_answer` statement with one that returns that
+/// receipt. The host sees "its" receipt, commits and answers 2xx; what
+/// was stored, and what every redelivery replays, is the handler's forged
+/// answer, which the host never stored.
+async fn own_receipt_forges_the_hosts_store(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    let forge = r#"DO $$ DECLARE r bytea; p record; BEGIN
+  r := exactly.store_answer(current_setting('attack.src'), current_setting('attack.id'),
+                            299::smallint, NULL, '{"forged": true}');
+  FOR p IN SELECT name, array_to_string(parameter_types::text[], ', ') AS types FROM pg_prepared_statements
+            WHERE NOT from_sql AND statement LIKE 'SELECT exactly.store_answer(%' LOOP
+    EXECUTE format('DEALLOCATE %I', p.name);
+    EXECUTE format('PREPARE %I(%s) AS SELECT %L::bytea', p.name, p.types, r);
+  END LOOP;
+END $$"#;
+    for round in 0..3 {
+        // The control event caches the host's statements on the pooled session.
+        control(&app).await;
+        let own = sql_event(Vec::new());
+        let statements = vec![
+            stmt(
+                "SELECT set_config('attack.src', $1, false), set_config('attack.id', $2, false)",
+                json!([own.source, own.id]),
+                true,
+            ),
+            x(forge),
+        ];
+        let own = own.clone().with_data(json!({ "statements": statements, "result_from": null }));
+        let what = format!("forging the host's store with the handler's own receipt (round {round})");
+        let answer = app.send_binary(&own).await;
+        eprintln!("        {what}: {}", summary(&answer));
+        let stored = app.processed_event(&own).await;
+        eprintln!("        stored row: {:?}", stored.as_ref().map(|r| (r.type_.clone(), r.status)));
+        if policy == Policy::Off && is_2xx(&answer) {
+            let again = app.send_binary(&own).await;
+            eprintln!("        redelivery: HTTP {} replay={} result={:?}", again.status, again.is_replay(), app.processed_result(&own).await);
+        }
+        assert!(
+            !(is_2xx(&answer) && stored.as_ref().is_some_and(|r| r.status != answer.status)),
+            "{what}: answered {} but the stored answer is the handler's forged {:?}",
+            summary(&answer),
+            stored.map(|r| r.status)
+        );
+        if policy == Policy::On {
+            assert_stopped_answer(&what, &answer);
+        }
+    }
+}
+
+/// The same receipt, with the handler ending the event's transaction
+/// itself: it turns `synchronous_commit` off, answers its own claim, and
+/// COMMITs (non-durably); then it puts its receipt in place of the host's
+/// store. The host's reset and COMMIT run after the event's transaction is
+/// over (a warning), and the event is answered 2xx: its answer was made
+/// durable by no COMMIT of the host's, with `synchronous_commit = off`.
+async fn early_non_durable_commit_answered_2xx(backend: Backend, policy: Policy) {
+    let app = spawn(backend, policy).await;
+    let forge = r#"DO $$ DECLARE r bytea; p record; BEGIN
+  r := exactly.store_answer(current_setting('attack.src'), current_setting('attack.id'),
+                            202::smallint, NULL, '{"results": []}');
+  FOR p IN SELECT name, array_to_string(parameter_types::text[], ', ') AS types FROM pg_prepared_statements
+            WHERE NOT from_sql AND statement LIKE 'SELECT exactly.store_answer(%' LOOP
+    EXECUTE format('DEALLOCATE %I', p.name);
+    EXECUTE format('PREPARE %I(%s) AS SELECT %L::bytea', p.name, p.types, r);
+  END LOOP;
+END $$"#;
+    control(&app).await;
+    let own = sql_event(Vec::new());
+    let statements = vec![
+        stmt(
+            "SELECT set_config('attack.src', $1, false), set_config('attack.id', $2, false)",
+            json!([own.source, own.id]),
+            true,
+        ),
+        x("SET synchronous_commit = off"),
+        x(forge),
+        stmt(
+            "INSERT INTO hostile_notes (k) VALUES ($1 || ':' || current_setting('synchronous_commit'))",
+            json!([own.id]),
+            false,
+        ),
+        x("COMMIT"),
+    ];
+    let own = own.clone().with_data(json!({ "statements": statements, "result_from": null }));
+    let answer = app.send_binary(&own).await;
+    let committed_with = app
+        .db
+        .text("SELECT k FROM hostile_notes WHERE k LIKE $1", &[&format!("{}:%", own.id)])
+        .await;
+    eprintln!("        answer: {}; handler's note: {committed_with:?}", summary(&answer));
+    eprintln!("        stored row: {:?}", app.processed_event(&own).await.map(|r| (r.type_, r.status)));
+    assert!(
+        !is_2xx(&answer),
+        "an event whose transaction the handler committed itself (note {committed_with:?}) was answered {}",
+        summary(&answer)
+    );
 }

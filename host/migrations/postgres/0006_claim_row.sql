@@ -14,11 +14,14 @@
 --   transaction's id and its answer is still missing), and `claim_event`
 --   writes a claim only with the proof. Since none of its parameters is a
 --   secret, the host may send it as a cached (named) statement, in one
---   round trip. It returns a receipt, sha256(proof || 'stored'), which the
---   host checks: a handler that replaced the host's cached statement with
---   its own SQL (SQL PREPARE shares the driver's namespace) cannot forge
---   it, so the host never answers an event whose answer it did not see
---   stored.
+--   round trip. It returns a receipt, a digest of the proof and of the
+--   answer stored, which the host checks against the answer it sent: a
+--   handler that replaced the host's cached statement with its own SQL (SQL
+--   PREPARE shares the driver's namespace) cannot forge it, and a receipt
+--   the handler got by answering its own claim itself matches only if it
+--   stored exactly the host's answer. The host also checks, in the same
+--   round trip as its COMMIT, that the transaction is still the one that
+--   claimed the event (a handler may have ended it).
 -- * `reset_session` reads pg_prepared_statements once (it was twice), and
 --   finds the role's large objects by the session user's OID.
 
@@ -64,7 +67,10 @@ END
 $$;
 
 -- Writes the answer into the event's claim row, only in the transaction
--- that claimed it; returns sha256(proof || 'stored'). A row already
+-- that claimed it; returns its receipt, a digest of the proof and of the
+-- answer it stored (exactly these parameters): sha256(proof || 'stored' ||
+-- status (2 bytes, big-endian) || reply IS NOT NULL (2 bytes) ||
+-- sha256(reply or '') || sha256(result or '')). A row already
 -- answered (another delivery committed in between, possible only outside
 -- READ COMMITTED) is a serialization failure: the host answers 503 and the
 -- redelivery replays.
@@ -88,7 +94,11 @@ BEGIN
      WHERE e.source = p_source AND e.id = p_id AND e.status IS NULL
        AND e.xmin = pg_current_xact_id()::xid
     RETURNING (SELECT sha256(sha256(s.key || sha256(sha256(convert_to(p_source, 'UTF8')) || sha256(convert_to(p_id, 'UTF8'))))
-                             || convert_to('stored', 'UTF8'))
+                             || convert_to('stored', 'UTF8')
+                             || int2send(p_status)
+                             || int2send(CASE WHEN p_reply IS NULL THEN 0 ELSE 1 END::smallint)
+                             || sha256(convert_to(coalesce(p_reply, ''), 'UTF8'))
+                             || sha256(convert_to(coalesce(p_result, ''), 'UTF8')))
                  FROM exactly.secret s)
       INTO receipt;
     IF receipt IS NOT NULL THEN

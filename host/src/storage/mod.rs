@@ -506,8 +506,9 @@ impl EventTx {
                 // committed answer) may be cached: they run before the
                 // handler, on a session where `exactly.reset_session` left
                 // no statement of a handler's (`EventSession::finish`).
-                let (claimed, backend_pid): (Option<bool>, i32) =
-                    sqlx::query_as("SELECT exactly.claim_event($1, $2, $3, $4, $5, $6), pg_backend_pid()")
+                let (claimed, backend_pid, xact): (Option<bool>, i32, Option<String>) = sqlx::query_as(
+                    "SELECT exactly.claim_event($1, $2, $3, $4, $5, $6), pg_backend_pid(), pg_current_xact_id_if_assigned()::text",
+                )
                         .bind(&event.source)
                         .bind(&event.id)
                         .bind(&proof)
@@ -520,6 +521,7 @@ impl EventTx {
                 session.backend_pid = Some(backend_pid);
                 if claimed == Some(true) {
                     session.claimed = true;
+                    session.xact = xact;
                     return Ok(Claim::Owned);
                 }
                 let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
@@ -602,12 +604,14 @@ impl EventTx {
                 // statement of the handler's that took the name of the
                 // host's cached one: it takes no secret (the function finds
                 // the claim this transaction wrote by itself), and only the
-                // real function returns the event's receipt.
+                // real function, having stored exactly this answer, returns
+                // its receipt. (Whether the transaction is still the
+                // event's is checked with the COMMIT: `EventSession::finish`.)
                 let receipt: Option<Vec<u8>> = sqlx::query_scalar("SELECT exactly.store_answer($1, $2, $3, $4, $5)")
                     .bind(&event.source)
                     .bind(&event.id)
                     .bind(status)
-                    .bind(reply)
+                    .bind(reply.as_deref())
                     .bind(result)
                     .fetch_optional(session.connection())
                     .await
@@ -621,7 +625,12 @@ impl EventTx {
                         classify(error)
                     })?
                     .flatten();
-                let expected = postgres::ProofKey::receipt(&session.key.proof(&event.source, &event.id));
+                let expected = postgres::ProofKey::receipt(
+                    &session.key.proof(&event.source, &event.id),
+                    status,
+                    reply.as_deref(),
+                    result,
+                );
                 if receipt.as_deref() != Some(expected.as_slice()) {
                     session.tainted = true;
                     return Err(Rejection::Internal(
@@ -662,15 +671,19 @@ impl EventTx {
 
     pub async fn commit(self) -> Result<(), Rejection> {
         match self {
-            EventTx::Postgres(session) => session.finish(true).await,
-            EventTx::Sqlite(tx, _) => tx.commit().await,
+            EventTx::Postgres(session) => match session.finish(true).await.map_err(classify)? {
+                true => Ok(()),
+                false => Err(Rejection::Internal(
+                    "the event's transaction was ended by its handler before the host's COMMIT".into(),
+                )),
+            },
+            EventTx::Sqlite(tx, _) => tx.commit().await.map_err(classify),
         }
-        .map_err(classify)
     }
 
     pub async fn rollback(self) {
         let result = match self {
-            EventTx::Postgres(session) => session.finish(false).await,
+            EventTx::Postgres(session) => session.finish(false).await.map(drop),
             EventTx::Sqlite(tx, _) => tx.rollback().await,
         };
         if let Err(error) = result {

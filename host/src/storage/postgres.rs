@@ -71,13 +71,21 @@ impl ProofKey {
         outer.finalize().to_vec()
     }
 
-    /// What `exactly.store_answer` returns when it stored the event's row:
-    /// `sha256(proof || "stored")`. A statement of a handler's that took
-    /// the place of the host's cached call cannot compute it.
-    pub fn receipt(proof: &[u8]) -> Vec<u8> {
+    /// What `exactly.store_answer` (`0006_claim_row.sql`) returns when it
+    /// stored this answer in the event's claim row: `sha256(proof ‖
+    /// "stored" ‖ status (i16, big-endian) ‖ reply present (i16) ‖
+    /// sha256(reply or "") ‖ sha256(result))`. A statement of a handler's
+    /// that took the place of the host's cached call cannot compute it,
+    /// and one the handler obtained by answering its own claim matches only
+    /// when it stored exactly this answer.
+    pub fn receipt(proof: &[u8], status: i16, reply: Option<&str>, result: &str) -> Vec<u8> {
         let mut digest = Sha256::new();
         digest.update(proof);
         digest.update(b"stored");
+        digest.update(status.to_be_bytes());
+        digest.update(i16::from(reply.is_some()).to_be_bytes());
+        digest.update(Sha256::digest(reply.unwrap_or("").as_bytes()));
+        digest.update(Sha256::digest(result.as_bytes()));
         digest.finalize().to_vec()
     }
 
@@ -450,7 +458,12 @@ pub(super) async fn handler_pools(
 /// set), temporary tables, sequence caches, `LISTEN`s, cursors, advisory
 /// locks (released at once), large objects and SQL-level prepared
 /// statements.
-const RESET_AND_COMMIT: &str = "SELECT exactly.reset_session(); COMMIT";
+///
+/// With it, the transaction's id: it must still be the one that claimed the
+/// event (a handler that ended the event's transaction itself leaves this
+/// batch in another one, and its own COMMIT was not the host's).
+const RESET_AND_COMMIT: &str =
+    "SELECT exactly.reset_session(), pg_catalog.pg_current_xact_id_if_assigned()::pg_catalog.text; COMMIT";
 /// The same after a ROLLBACK (only a warning when the handler's statements
 /// already ended the transaction).
 const ROLLBACK_AND_RESET: &str = "ROLLBACK; SELECT exactly.reset_session()";
@@ -472,6 +485,8 @@ pub struct EventSession {
     /// This transaction claimed its event (`exactly.claim_event` inserted
     /// the claim row `exactly.store_answer` answers).
     pub(super) claimed: bool,
+    /// The id of the transaction that claimed the event, as text.
+    pub(super) xact: Option<String>,
     /// A host statement on this session did not do what the host sent
     /// (a handler replaced it): never pool the session again.
     pub(super) tainted: bool,
@@ -484,7 +499,7 @@ impl EventSession {
             drop(connection.detach());
             return Err(error);
         }
-        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claimed: false, tainted: false })
+        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claimed: false, xact: None, tainted: false })
     }
 
     pub(super) fn connection(&mut self) -> &mut PgConnection {
@@ -496,13 +511,20 @@ impl EventSession {
     /// prepared statements on the server are still the ones it has cached:
     /// a handler that dropped one (`DEALLOCATE`) would make the host's next
     /// statement on it fail.
-    pub(super) async fn finish(mut self, commit: bool) -> Result<(), sqlx::Error> {
+    /// Returns false when the COMMIT was not the event's: a handler ended
+    /// the event's transaction itself before it.
+    pub(super) async fn finish(mut self, commit: bool) -> Result<bool, sqlx::Error> {
         let batch = if commit { RESET_AND_COMMIT } else { ROLLBACK_AND_RESET };
         // fetch_all: every statement of the batch, COMMIT included, has
         // completed when this returns.
         let rows = sqlx::raw_sql(batch).fetch_all(self.connection()).await?;
         let driver: Option<i64> = rows.first().map(|row| row.try_get(0)).transpose()?;
+        let committed_in: Option<String> = if commit { rows.first().map(|row| row.try_get(1)).transpose()?.flatten() } else { None };
         let cached = self.connection().cached_statements_size();
+        let ended_early = commit && (self.xact.is_none() || committed_in != self.xact);
+        if ended_early {
+            self.tainted = true;
+        }
         if !self.tainted && driver.is_some_and(|driver| driver == cached as i64) {
             // Clean: back to the pool.
             drop(self.connection.take());
@@ -515,7 +537,7 @@ impl EventSession {
             );
             // Drop detaches it.
         }
-        Ok(())
+        Ok(!ended_early)
     }
 }
 
