@@ -85,6 +85,10 @@ SET search_path = pg_catalog, pg_temp
 -- server with JIT compiling would compile the statement on every call.)
 SET enable_seqscan = off
 SET jit = off
+-- Planned once per session: with its parameters PL/pgSQL would otherwise
+-- keep comparing custom plans with the generic one and plan the UPDATE on
+-- every call (measured: about 130 µs of an event's 650).
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     receipt bytea;
