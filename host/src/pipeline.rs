@@ -92,7 +92,18 @@ impl Pipeline {
             .ok_or_else(|| Rejection::NoHandler(event.ty.clone()))?;
         tracing::Span::current().record("handler", handler.name.as_str());
         let mut timings = EventTimings::default();
-        let result = self.claim_and_run(handler, event, &mut timings).await;
+        // A second run only when the first found its session's cached
+        // statement stale (a migration changed a table under it): nothing
+        // of the first run was committed, and the second runs on a fresh
+        // session.
+        let result = match self.claim_and_run(handler, event, &mut timings, true).await {
+            Ok(None) => {
+                tracing::info!("a cached statement no longer fits the schema; running the event again on a fresh session");
+                self.claim_and_run(handler, event, &mut timings, false).await
+            }
+            done => done,
+        }
+        .and_then(|processed| processed.ok_or_else(|| Rejection::Internal("a second run asked for a third".into())));
         self.metrics.handler_timings(&handler.name, timings.handler, timings.database);
         result
     }
@@ -102,7 +113,8 @@ impl Pipeline {
         handler: &LoadedHandler,
         event: &CloudEvent,
         timings: &mut EventTimings,
-    ) -> Result<Processed, Rejection> {
+        may_run_again: bool,
+    ) -> Result<Option<Processed>, Rejection> {
         let size = event.data.as_ref().map_or(0, Vec::len) as u64;
         if size > handler.limits.max_body_bytes {
             return Err(Rejection::PayloadTooLarge(handler.limits.max_body_bytes as usize));
@@ -123,7 +135,7 @@ impl Pipeline {
                 if stored != payload_sha256 {
                     return Err(Rejection::KeyReused { event_source: event.source.clone(), id: event.id.clone() });
                 }
-                return Ok(Processed { answer: *answer, replay: true, handler: handler.name.clone() });
+                return Ok(Some(Processed { answer: *answer, replay: true, handler: handler.name.clone() }));
             }
             Err(rejection) => {
                 tx.rollback().await;
@@ -140,6 +152,10 @@ impl Pipeline {
         let Some(mut tx) = tx else {
             return Err(Rejection::Internal("the handler run lost the event's transaction".into()));
         };
+        if may_run_again && tx.stale_statement() {
+            tx.rollback().await;
+            return Ok(None);
+        }
         // A statement cut off by the deadline may still run on the server
         // (the handler can lift its own statement_timeout): cancel it, so
         // that the rollback below does not wait for it.
@@ -169,7 +185,7 @@ impl Pipeline {
         timings.database += started.elapsed();
         committed?;
         fault::hit(Point::AfterCommit);
-        Ok(Processed { answer, replay: false, handler: handler.name.clone() })
+        Ok(Some(Processed { answer, replay: false, handler: handler.name.clone() }))
     }
 }
 

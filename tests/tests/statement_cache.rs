@@ -11,7 +11,10 @@ use exactly_e2e::app::{hostile_handler, standard_handlers};
 use exactly_e2e::{Backend, Event, TestApp, TestEnv, json};
 use serde_json::Value;
 
-exactly_e2e::both_backends!(a_statement_means_the_same_whatever_ran_before);
+exactly_e2e::both_backends!(
+    a_statement_means_the_same_whatever_ran_before,
+    a_statement_survives_a_schema_change,
+);
 
 async fn serve_one_session(backend: Backend) -> TestApp {
     let mut handlers = standard_handlers();
@@ -67,4 +70,29 @@ async fn a_statement_means_the_same_whatever_ran_before(backend: Backend) {
         let alone = run(&app, vec![cast(shared, value.clone())]).await.remove(0);
         assert_eq!(alone, fresh[index], "{value} bound to a text run before with other values");
     }
+}
+
+/// Issue 10 item 13: after a migration changes a table under a statement
+/// the session has cached (here a column added under `SELECT *`, as
+/// another replica's start-up would), PostgreSQL refuses the cached
+/// statement ("cached plan must not change result type", SQLSTATE 0A000).
+/// The event must still be processed, with the new columns: the host
+/// closes the session and runs the event once more on a fresh one.
+async fn a_statement_survives_a_schema_change(backend: Backend) {
+    let app = serve_one_session(backend).await;
+    app.db.execute("INSERT INTO hostile_notes (k) VALUES ('present')", &[]).await;
+    let read = || json!({ "sql": "SELECT * FROM hostile_notes WHERE k = $1", "params": ["present"], "query": true });
+    run(&app, vec![read()]).await;
+    app.db.execute("ALTER TABLE hostile_notes ADD COLUMN extra INTEGER", &[]).await;
+    let event = Event::new("hostile.sql").with_data(json!({ "statements": [read()], "result_from": null }));
+    let answer = app.send_binary(&event).await;
+    answer.assert_processed();
+    let result = app.processed_result(&event).await.expect("the event's result");
+    assert_eq!(
+        (&result["results"][0]["columns"], &result["results"][0]["rows"]),
+        (&json!(["k", "extra"]), &json!([["present", null]])),
+        "the statement does not read the table as it is now: {result}"
+    );
+    let again = app.send_binary(&event).await;
+    assert!(again.is_replay(), "the redelivery ran again");
 }

@@ -661,6 +661,17 @@ impl EventTx {
         }
     }
 
+    /// A handler statement failed because the session's cached statement
+    /// no longer fits the schema (PostgreSQL, SQLSTATE `0A000`): the
+    /// session will be closed, and the event is worth one more run on a
+    /// fresh session, whose statements are prepared anew.
+    pub fn stale_statement(&self) -> bool {
+        match self {
+            EventTx::Postgres(session) => session.stale,
+            EventTx::Sqlite(..) => false,
+        }
+    }
+
     /// The PostgreSQL server process of this event's session, once claimed.
     pub fn backend_pid(&self) -> Option<i32> {
         match self {
@@ -707,13 +718,23 @@ impl EventTx {
                 // Cached per text and parameter kinds (see there).
                 let text = convert::postgres_statement_text(&sql, &params);
                 let query = convert::bind_postgres(sqlx::query(AssertSqlSafe(text)), params)?;
-                if want_rows {
+                let ran = if want_rows {
                     let stream = query.fetch(session.connection());
                     collect_rows(stream, caps, convert::row_from_postgres).await
                 } else {
-                    let done = query.execute(session.connection()).await.map_err(StatementError::from_sqlx)?;
-                    Ok(StatementOutput::Affected(done.rows_affected()))
+                    query
+                        .execute(session.connection())
+                        .await
+                        .map(|done| StatementOutput::Affected(done.rows_affected()))
+                        .map_err(StatementError::from_sqlx)
+                };
+                if let Err(failed) = &ran
+                    && failed.error.code.as_deref() == Some("0A000")
+                {
+                    session.stale = true;
+                    session.tainted = true;
                 }
+                ran
             }
             EventTx::Sqlite(tx, _) => {
                 // Exactly one statement, prepared under the handler's

@@ -487,6 +487,11 @@ pub struct EventSession {
     pub(super) claimed: bool,
     /// The id of the transaction that claimed the event, as text.
     pub(super) xact: Option<String>,
+    /// A handler statement failed with SQLSTATE `0A000` (on a cached
+    /// statement: "cached plan must not change result type", a migration
+    /// changed a table under it): the session is closed and the event may
+    /// run once more on a fresh one ([`super::EventTx::stale_statement`]).
+    pub(super) stale: bool,
     /// A host statement on this session did not do what the host sent
     /// (a handler replaced it): never pool the session again.
     pub(super) tainted: bool,
@@ -499,7 +504,7 @@ impl EventSession {
             drop(connection.detach());
             return Err(error);
         }
-        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claimed: false, xact: None, tainted: false })
+        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claimed: false, xact: None, stale: false, tainted: false })
     }
 
     pub(super) fn connection(&mut self) -> &mut PgConnection {
