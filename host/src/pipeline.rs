@@ -86,6 +86,7 @@ impl Pipeline {
     }
 
     pub async fn process(&self, event: &CloudEvent) -> Result<Processed, Rejection> {
+        check_identity(event)?;
         let handler = self
             .runtime
             .route(&event.ty)
@@ -187,6 +188,25 @@ impl Pipeline {
         fault::hit(Point::AfterCommit);
         Ok(Some(Processed { answer, replay: false, handler: handler.name.clone() }))
     }
+}
+
+/// The most bytes an event's `source` or `id` may have: together they are
+/// the claim's primary key, and a PostgreSQL btree entry holds about 2,700
+/// bytes (a longer key failed the claim on every delivery). Checked on the
+/// event path only: the dead-letter sink takes such an event (its key there
+/// is a digest), so a sender's event refused here is not lost.
+pub const MAX_IDENTITY_BYTES: usize = 1024;
+
+fn check_identity(event: &CloudEvent) -> Result<(), Rejection> {
+    for (name, value) in [("source", &event.source), ("id", &event.id)] {
+        if value.len() > MAX_IDENTITY_BYTES {
+            return Err(Rejection::InvalidEvent(format!(
+                "attribute `{name}` is {} bytes; exactly takes at most {MAX_IDENTITY_BYTES} bytes (it is the key exactly-once is kept by)",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Turns the handler's outcome into the answer to store: 202 and no body,
