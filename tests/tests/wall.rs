@@ -1645,6 +1645,24 @@ async fn sqlite_multi_statement_texts(backend: Backend, policy: Policy) {
     assert_victim_intact(&app, "after the multi-statement texts", &target).await;
 }
 
+/// A DO block that answers the event's own claim itself (source and id
+/// from the session settings `attack.src` / `attack.id`) with `status` and
+/// `result`, and puts the receipt it got in place of the host's cached
+/// `store_answer` statement (found by name and parameter types).
+fn own_receipt_in_place_of_the_store(status: i16, result: &str) -> String {
+    format!(
+        r#"DO $$ DECLARE r bytea; p record; BEGIN
+  r := exactly.store_answer(current_setting('attack.src'), current_setting('attack.id'),
+                            {status}::smallint, NULL, '{result}');
+  FOR p IN SELECT name, array_to_string(parameter_types::text[], ', ') AS types FROM pg_prepared_statements
+            WHERE NOT from_sql AND statement LIKE 'SELECT exactly.store_answer(%' LOOP
+    EXECUTE format('DEALLOCATE %I', p.name);
+    EXECUTE format('PREPARE %I(%s) AS SELECT %L::bytea', p.name, p.types, r);
+  END LOOP;
+END $$"#
+    )
+}
+
 /// Found by a fresh attacker: `exactly.store_answer` hands its receipt to
 /// whoever calls it in the claiming transaction, the handler included. A
 /// handler answers its own claim with an answer of its own choosing
@@ -1655,15 +1673,7 @@ async fn sqlite_multi_statement_texts(backend: Backend, policy: Policy) {
 /// answer, which the host never stored.
 async fn own_receipt_forges_the_hosts_store(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
-    let forge = r#"DO $$ DECLARE r bytea; p record; BEGIN
-  r := exactly.store_answer(current_setting('attack.src'), current_setting('attack.id'),
-                            299::smallint, NULL, '{"forged": true}');
-  FOR p IN SELECT name, array_to_string(parameter_types::text[], ', ') AS types FROM pg_prepared_statements
-            WHERE NOT from_sql AND statement LIKE 'SELECT exactly.store_answer(%' LOOP
-    EXECUTE format('DEALLOCATE %I', p.name);
-    EXECUTE format('PREPARE %I(%s) AS SELECT %L::bytea', p.name, p.types, r);
-  END LOOP;
-END $$"#;
+    let forge = own_receipt_in_place_of_the_store(299, r#"{"forged": true}"#);
     for round in 0..3 {
         // The control event caches the host's statements on the pooled session.
         control(&app).await;
@@ -1674,7 +1684,7 @@ END $$"#;
                 json!([own.source, own.id]),
                 true,
             ),
-            x(forge),
+            x(&forge),
         ];
         let own = own.clone().with_data(json!({ "statements": statements, "result_from": null }));
         let what = format!("forging the host's store with the handler's own receipt (round {round})");
@@ -1706,15 +1716,7 @@ END $$"#;
 /// durable by no COMMIT of the host's, with `synchronous_commit = off`.
 async fn early_non_durable_commit_answered_2xx(backend: Backend, policy: Policy) {
     let app = spawn(backend, policy).await;
-    let forge = r#"DO $$ DECLARE r bytea; p record; BEGIN
-  r := exactly.store_answer(current_setting('attack.src'), current_setting('attack.id'),
-                            202::smallint, NULL, '{"results": []}');
-  FOR p IN SELECT name, array_to_string(parameter_types::text[], ', ') AS types FROM pg_prepared_statements
-            WHERE NOT from_sql AND statement LIKE 'SELECT exactly.store_answer(%' LOOP
-    EXECUTE format('DEALLOCATE %I', p.name);
-    EXECUTE format('PREPARE %I(%s) AS SELECT %L::bytea', p.name, p.types, r);
-  END LOOP;
-END $$"#;
+    let forge = own_receipt_in_place_of_the_store(202, r#"{"results": []}"#);
     control(&app).await;
     let own = sql_event(Vec::new());
     let statements = vec![
@@ -1724,7 +1726,7 @@ END $$"#;
             true,
         ),
         x("SET synchronous_commit = off"),
-        x(forge),
+        x(&forge),
         stmt(
             "INSERT INTO hostile_notes (k) VALUES ($1 || ':' || current_setting('synchronous_commit'))",
             json!([own.id]),
