@@ -1645,6 +1645,16 @@ async fn sqlite_multi_statement_texts(backend: Backend, policy: Policy) {
     assert_victim_intact(&app, "after the multi-statement texts", &target).await;
 }
 
+/// Keeps the event's own source and id in the session settings
+/// `attack.src` / `attack.id`, for [`own_receipt_in_place_of_the_store`].
+fn own_identity_in_the_session(own: &Event) -> Value {
+    stmt(
+        "SELECT set_config('attack.src', $1, false), set_config('attack.id', $2, false)",
+        json!([own.source, own.id]),
+        true,
+    )
+}
+
 /// A DO block that answers the event's own claim itself (source and id
 /// from the session settings `attack.src` / `attack.id`) with `status` and
 /// `result`, and puts the receipt it got in place of the host's cached
@@ -1679,11 +1689,7 @@ async fn own_receipt_forges_the_hosts_store(backend: Backend, policy: Policy) {
         control(&app).await;
         let own = sql_event(Vec::new());
         let statements = vec![
-            stmt(
-                "SELECT set_config('attack.src', $1, false), set_config('attack.id', $2, false)",
-                json!([own.source, own.id]),
-                true,
-            ),
+            own_identity_in_the_session(&own),
             x(&forge),
         ];
         let own = own.clone().with_data(json!({ "statements": statements, "result_from": null }));
@@ -1720,11 +1726,7 @@ async fn early_non_durable_commit_answered_2xx(backend: Backend, policy: Policy)
     control(&app).await;
     let own = sql_event(Vec::new());
     let statements = vec![
-        stmt(
-            "SELECT set_config('attack.src', $1, false), set_config('attack.id', $2, false)",
-            json!([own.source, own.id]),
-            true,
-        ),
+        own_identity_in_the_session(&own),
         x("SET synchronous_commit = off"),
         x(&forge),
         stmt(
