@@ -43,7 +43,15 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 use crate::storage::Backend;
 
 /// `Ok`: the SQL to send to the database. `Err`: why it is refused.
-pub type Verdict = Result<Arc<str>, Arc<str>>;
+pub type Verdict = Result<Admitted, Arc<str>>;
+
+/// An admitted statement: the text to run (placeholders rewritten for
+/// SQLite) and how many values it takes, the highest `$n` it holds.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub sql: Arc<str>,
+    pub placeholders: usize,
+}
 
 /// The longest SQL text the policy reads. Parsing is bounded before it
 /// starts: a multi-megabyte string would cost far more memory and time in
@@ -203,8 +211,10 @@ impl Policy {
         if let Some(verdict) = self.cache.read().unwrap_or_else(|e| e.into_inner()).verdicts.get(sql) {
             return verdict.clone();
         }
-        let verdict = match judge_guarded(self.backend, &self.tables, sql) {
-            Ok(sql) => Ok(Arc::from(sql)),
+        let verdict = match judge_guarded(self.backend, &self.tables, sql)
+            .and_then(|admitted| guarded(|| placeholder_count(self.backend, sql).map(|n| (admitted, n))))
+        {
+            Ok((admitted, placeholders)) => Ok(Admitted { sql: Arc::from(admitted), placeholders }),
             Err(reason) => Err(Arc::from(reason)),
         };
         let size = sql.len() + verdict_len(&verdict) + CACHE_ENTRY_OVERHEAD;
@@ -222,8 +232,31 @@ impl Policy {
 
 fn verdict_len(verdict: &Verdict) -> usize {
     match verdict {
-        Ok(text) | Err(text) => text.len(),
+        Ok(admitted) => admitted.sql.len(),
+        Err(text) => text.len(),
     }
+}
+
+/// How many values `sql` takes: the highest `$n` placeholder it holds (0
+/// for none), read by the tokenizer, so `'$1'` in a string literal is not
+/// one. The host compares it with the values bound, on both backends: a
+/// mismatch is the handler's mistake (PostgreSQL would answer with a
+/// protocol error, SQLite would bind NULL for a missing value).
+pub fn placeholder_count(backend: Backend, sql: &str) -> Result<usize, String> {
+    let tokens = Tokenizer::new(dialect(backend), sql)
+        .with_unescape(false)
+        .tokenize()
+        .map_err(|e| format!("the statement could not be tokenized ({e})"))?;
+    let mut highest = 0;
+    for token in tokens {
+        if let Token::Placeholder(p) = token
+            && let Some(digits) = p.strip_prefix('$')
+            && let Ok(n) = digits.parse::<usize>()
+        {
+            highest = highest.max(n);
+        }
+    }
+    Ok(highest)
 }
 
 /// Only the placeholder rewrite the policy does on admitted SQL: unchanged
@@ -260,7 +293,7 @@ fn judge_guarded(backend: Backend, tables: &HashSet<String>, sql: &str) -> Resul
 }
 
 /// Runs `judge` with a panic turned into a refusal.
-fn guarded(judge: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
+fn guarded<T>(judge: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     struct Judging;
     impl Drop for Judging {
         fn drop(&mut self) {
@@ -1297,7 +1330,7 @@ mod tests {
         // The guard itself: whatever panics inside is answered with a
         // refusal (the second panic is not printed).
         for _ in 0..2 {
-            let caught = catch_unwind(|| guarded(|| panic!("a parser bug")));
+            let caught = catch_unwind(|| guarded::<String>(|| panic!("a parser bug")));
             assert!(matches!(caught, Ok(Err(_))), "{caught:?}");
         }
         assert!(!JUDGING.with(Cell::get));

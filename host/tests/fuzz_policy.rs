@@ -29,7 +29,7 @@ use std::cell::RefCell;
 use std::ops::ControlFlow;
 use std::sync::LazyLock;
 
-use exactly::policy::Policy;
+use exactly::policy::{Admitted, Policy};
 use exactly::storage::Backend;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -353,7 +353,7 @@ proptest! {
 }
 
 fn check_postgres(sql: &str) -> Result<(), TestCaseError> {
-    let Ok(admitted) = POSTGRES.check(sql) else {
+    let Ok(Admitted { sql: admitted, .. }) = POSTGRES.check(sql) else {
         return Ok(());
     };
     check_reparsed(&PostgreSqlDialect {}, sql, &admitted)?;
@@ -377,7 +377,7 @@ fn check_postgres(sql: &str) -> Result<(), TestCaseError> {
 }
 
 fn check_sqlite(sql: &str) -> Result<(), TestCaseError> {
-    let Ok(admitted) = SQLITE.check(sql) else {
+    let Ok(Admitted { sql: admitted, .. }) = SQLITE.check(sql) else {
         return Ok(());
     };
     check_reparsed(&SQLiteDialect {}, sql, &admitted)?;

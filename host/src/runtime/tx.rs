@@ -62,7 +62,12 @@ impl EventState {
         // no policy, the database alone is the wall.
         #[cfg(feature = "sql-policy-switch")]
         let verdict = if crate::sql_switch::policy_off() {
-            Ok(std::sync::Arc::from(crate::policy::rewrite_placeholders(self.policy.backend(), &sql)))
+            let backend = self.policy.backend();
+            Ok(crate::policy::Admitted {
+                sql: std::sync::Arc::from(crate::policy::rewrite_placeholders(backend, &sql)),
+                // Text the tokenizer cannot read goes to the database as it is.
+                placeholders: crate::policy::placeholder_count(backend, &sql).unwrap_or(params.len()),
+            })
         } else {
             self.policy.check(&sql)
         };
@@ -77,12 +82,32 @@ impl EventState {
                 return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
             }
         };
+        // The handler's mistake, on both backends alike: PostgreSQL would
+        // fail the bind with a protocol error (read as an outage), SQLite
+        // would bind NULL for a missing value and drop an extra one.
+        if params.len() != admitted.placeholders {
+            let message = format!(
+                "refused {:?}: {} value{} bound, but the statement takes {} ({})",
+                shorten(&sql),
+                params.len(),
+                if params.len() == 1 { " was" } else { "s were" },
+                admitted.placeholders,
+                match admitted.placeholders {
+                    0 => "no placeholders".to_owned(),
+                    1 => "$1".to_owned(),
+                    n => format!("$1 to ${n}"),
+                }
+            );
+            tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", super::log::printable(&message));
+            self.doom = Some(Doom::Refused(message.clone()));
+            return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
+        }
         let caps = self.row_caps();
         let Some(tx) = self.tx.as_mut() else {
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message: "no open transaction".into() });
         };
         let started = std::time::Instant::now();
-        let ran = tx.run_handler_statement(admitted, params, want_rows, caps).await;
+        let ran = tx.run_handler_statement(admitted.sql, params, want_rows, caps).await;
         self.database_time += started.elapsed();
         match ran {
             Ok(output) => Ok(output),
