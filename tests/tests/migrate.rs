@@ -3,7 +3,7 @@
 
 use exactly_e2e::{Backend, TestEnv, both_backends};
 
-both_backends!(migrate_is_idempotent_and_creates_the_tables);
+both_backends!(migrate_is_idempotent_and_creates_the_tables, an_edited_migration_stops_migrate);
 
 async fn migrate_is_idempotent_and_creates_the_tables(backend: Backend) {
     let env = TestEnv::new(backend).await;
@@ -132,4 +132,47 @@ async fn an_upgrade_from_the_role_switch_version_gets_the_new_wall() {
         })))
         .await;
     assert_eq!(answer.status, 202, "an event after the upgrade: {answer:?}");
+}
+
+/// Issue 10 item 17: a migration file edited after it was applied stops
+/// `exactly migrate` with a message naming it (silently diverging schemas
+/// are worse than a failed start), and it keeps doing so: waiting cannot
+/// cure it. The hostile handler's migrations are copied to a folder of
+/// the test's own, which the test then edits.
+async fn an_edited_migration_stops_migrate(backend: Backend) {
+    let folder = tempfile::tempdir().expect("a temporary folder");
+    let mut handler = exactly_e2e::app::hostile_handler(None);
+    let source = handler.migrations.clone();
+    for dialect in ["postgres", "sqlite"] {
+        std::fs::create_dir_all(folder.path().join(dialect)).unwrap();
+        for entry in std::fs::read_dir(source.join(dialect)).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, folder.path().join(dialect).join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    handler.migrations = folder.path().to_path_buf();
+    let mut handlers = exactly_e2e::app::standard_handlers();
+    handlers.push(handler);
+    let env = TestEnv::with_handlers(backend, handlers).await;
+    let first = env.migrate().await;
+    assert!(first.status.success(), "the first migrate failed:\n{}", String::from_utf8_lossy(&first.stderr));
+
+    let dialect = match backend {
+        Backend::Postgres => "postgres",
+        Backend::Sqlite => "sqlite",
+    };
+    let edited = std::fs::read_dir(folder.path().join(dialect)).unwrap().next().unwrap().unwrap().path();
+    let mut text = std::fs::read_to_string(&edited).unwrap();
+    text.push_str("\n-- edited after it was applied\n");
+    std::fs::write(&edited, text).unwrap();
+    let name = edited.file_name().unwrap().to_string_lossy().into_owned();
+    for run in ["second", "third"] {
+        let output = env.migrate().await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "the {run} migrate accepted an edited migration:\n{stderr}");
+        assert!(
+            stderr.contains(&name) && stderr.contains("was changed after it was applied"),
+            "the {run} migrate does not name the edited file {name}:\n{stderr}"
+        );
+    }
 }
