@@ -120,6 +120,8 @@ pub struct HandlerLimits {
     pub fuel: Option<u64>,
     /// Bytes of the outcome: the JSON result plus the reply event.
     pub max_reply_bytes: Option<u64>,
+    /// Bytes of an event's data this handler takes.
+    pub max_body_bytes: Option<u64>,
 }
 
 impl HandlerLimits {
@@ -142,6 +144,7 @@ impl HandlerLimits {
         push("max_log_bytes", number(self.max_log_bytes));
         push("fuel", number(self.fuel));
         push("max_reply_bytes", number(self.max_reply_bytes));
+        push("max_body_bytes", number(self.max_body_bytes));
         lines
     }
 }

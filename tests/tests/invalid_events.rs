@@ -9,6 +9,7 @@ both_backends!(
     unknown_type_is_rejected_not_marked,
     body_over_the_limit_is_rejected,
     identity_longer_than_the_limit_is_rejected_and_dead_lettered,
+    a_handlers_own_body_limit_is_kept,
 );
 
 async fn missing_required_attribute_is_rejected(backend: Backend) {
@@ -110,4 +111,26 @@ async fn identity_longer_than_the_limit_is_rejected_and_dead_lettered(backend: B
         .with_data(json!({"n": 1}));
     app.send_binary(&at_limit).await.assert_processed();
     assert!(app.send_binary(&at_limit).await.is_replay(), "the redelivery at the limit was not a replay");
+}
+
+/// Issue 10 item 17: the manifest's per-handler `max_body_bytes` was
+/// untested. The hostile handler takes at most 512 bytes of data: a larger
+/// event is answered 413 and nothing of it runs or is stored, another
+/// handler still takes the same size, and a smaller one runs.
+async fn a_handlers_own_body_limit_is_kept(backend: Backend) {
+    let mut handlers = exactly_e2e::app::standard_handlers();
+    handlers.push(exactly_e2e::app::hostile_handler(Some(exactly_e2e::HandlerLimits {
+        max_body_bytes: Some(512),
+        ..Default::default()
+    })));
+    let app = exactly_e2e::TestEnv::with_handlers(backend, handlers).await.serve().await;
+    let padding = "x".repeat(600);
+    let large = Event::new("hostile.sql").with_data(json!({ "statements": [], "result_from": null, "padding": padding }));
+    assert!(large.data_bytes().len() > 512);
+    app.send_binary(&large).await.assert_error(413, "payload-too-large");
+    assert_eq!(app.processed_event(&large).await, None);
+    let other = Event::new("test.echo").with_data(json!({ "padding": padding }));
+    app.send_binary(&other).await.assert_processed();
+    let small = Event::new("hostile.sql").with_data(json!({ "statements": [], "result_from": null }));
+    app.send_binary(&small).await.assert_processed();
 }

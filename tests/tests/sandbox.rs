@@ -55,6 +55,7 @@ fn small_limits() -> HandlerLimits {
         max_log_bytes: Some(1024 * 1024),
         fuel: None,
         max_reply_bytes: None,
+        max_body_bytes: None,
     }
 }
 
