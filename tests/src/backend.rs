@@ -170,11 +170,29 @@ impl Drop for TestDatabase {
                 let _ = sqlx::query(AssertSqlSafe(drop_database))
                     .execute(&mut admin)
                     .await;
+                for role in database_roles(&mut admin, &database.name).await {
+                    let drop_role = format!(r#"DROP ROLE IF EXISTS "{role}""#);
+                    let _ = sqlx::query(AssertSqlSafe(drop_role)).execute(&mut admin).await;
+                }
                 let _ = admin.close().await;
             });
         })
         .join();
     }
+}
+
+/// The cluster-wide roles `exactly migrate` made for the handlers of
+/// `database` (named `exactly_<first 4 bytes of sha256(name), hex>_…`, see
+/// `host/src/storage/postgres.rs`): a test drops them with its database.
+pub async fn database_roles(admin: &mut PgConnection, database: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        r"SELECT rolname::text FROM pg_roles
+          WHERE rolname LIKE 'exactly\_' || substr(encode(sha256(convert_to($1, 'UTF8')), 'hex'), 1, 8) || '\_%'",
+    )
+    .bind(database)
+    .fetch_all(admin)
+    .await
+    .unwrap_or_default()
 }
 
 /// The test's own connection to the database the host uses.

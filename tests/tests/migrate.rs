@@ -5,6 +5,23 @@ use exactly_e2e::{Backend, TestEnv, both_backends};
 
 both_backends!(migrate_is_idempotent_and_creates_the_tables, an_edited_migration_stops_migrate);
 
+/// Issue 10 item 17: PostgreSQL tests left the handlers' cluster-wide roles
+/// behind; a test's database now takes them along when it is dropped.
+#[tokio::test]
+async fn a_test_database_takes_its_roles_along() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let output = env.migrate().await;
+    assert!(output.status.success(), "migrate failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let name = env.database_url().rsplit('/').next().unwrap().to_owned();
+    let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.unwrap();
+    let roles = exactly_e2e::backend::database_roles(&mut admin, &name).await;
+    assert!(roles.len() >= 2, "migrate made no roles to clean up: {roles:?}");
+    drop(env);
+    let left = exactly_e2e::backend::database_roles(&mut admin, &name).await;
+    assert!(left.is_empty(), "roles left behind by the test's database: {left:?}");
+}
+
 async fn migrate_is_idempotent_and_creates_the_tables(backend: Backend) {
     let env = TestEnv::new(backend).await;
 
