@@ -340,6 +340,10 @@ fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String
     // (`a ?; COMMIT`, `x ?'' , hidden --'`): it would check another
     // statement than the one the database runs.
     if !tokens_cover(&tokens, sql) {
+        // The usual cause: SQLite-style `?1` placeholders (issue 10).
+        if backend == Backend::Postgres && sql.as_bytes().windows(2).any(|w| w[0] == b'?' && w[1].is_ascii_digit()) {
+            return Err("the statement holds text the parser skips: `?1` is not a placeholder on PostgreSQL; write $1, $2, … (exactly takes them on both backends)".into());
+        }
         return Err("the statement holds text the parser skips, so exactly cannot check it".into());
     }
     check_tokens(backend, &tokens)?;
@@ -986,6 +990,14 @@ mod tests {
         assert_eq!(sql, "UPDATE t SET a = ?2, b = '$1' WHERE k = ?1");
         let sql = "UPDATE t SET a = $2 WHERE k = $1";
         assert_eq!(judge(Backend::Postgres, &own(), sql).unwrap(), sql);
+    }
+
+    #[test]
+    fn question_mark_placeholders_on_postgres_say_how_to_write_them() {
+        let refusal = judge(Backend::Postgres, &own(), "SELECT * FROM orders WHERE order_id = ?1").unwrap_err();
+        assert!(refusal.contains("write $1"), "{refusal}");
+        assert_eq!(placeholder_count(Backend::Postgres, "SELECT $2, '$7', $1 FROM orders"), Ok(2));
+        assert_eq!(placeholder_count(Backend::Sqlite, "SELECT 1"), Ok(0));
     }
 
     #[test]
