@@ -520,8 +520,7 @@ impl EventTx {
                         .map_err(classify)?;
                 session.backend_pid = Some(backend_pid);
                 if claimed == Some(true) {
-                    session.claimed = true;
-                    session.xact = xact;
+                    session.claim = Some(postgres::OwnClaim { proof, xact });
                     return Ok(Claim::Owned);
                 }
                 let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
@@ -579,13 +578,14 @@ impl EventTx {
         Ok(Claim::Duplicate { payload_sha256, answer: Box::new(Committed { status: status as u16, reply }) })
     }
 
-    /// Stores the answer. Either way it is a statement that fails in an
-    /// aborted transaction, which proves the transaction alive right before
-    /// COMMIT (an aborted PostgreSQL transaction would otherwise let COMMIT
-    /// quietly roll back). On PostgreSQL `exactly.store_answer` inserts the
-    /// event's row, only in the transaction that claimed it (it raises
-    /// otherwise); on SQLite the UPDATE of the claim row must find exactly
-    /// that row. Every value is a bound parameter: nothing here depends on a
+    /// Stores the answer in the claim row. Either way it is a statement that
+    /// fails in an aborted transaction, which proves the transaction alive
+    /// right before COMMIT (an aborted PostgreSQL transaction would
+    /// otherwise let COMMIT quietly roll back). On PostgreSQL
+    /// `exactly.store_answer` updates only a claim this transaction wrote
+    /// (it raises otherwise) and returns a receipt of the answer, checked
+    /// here; on SQLite the UPDATE of the claim row must find exactly that
+    /// row. Every value is a bound parameter: nothing here depends on a
     /// setting the handler could have changed.
     pub async fn store_answer(&mut self, event: &CloudEvent, answer: &Committed, result: &str) -> Result<(), Rejection> {
         let reply = answer
@@ -597,9 +597,10 @@ impl EventTx {
         let status = answer.status as i16;
         match self {
             EventTx::Postgres(session) => {
-                if !std::mem::take(&mut session.claimed) {
+                let Some(claim) = &session.claim else {
                     return Err(Rejection::Internal("an answer to store for an event this transaction did not claim".into()));
-                }
+                };
+                let expected = postgres::ProofKey::receipt(&claim.proof, status, reply.as_deref(), result);
                 // Runs after the handler's statements, so it may run a
                 // statement of the handler's that took the name of the
                 // host's cached one: it takes no secret (the function finds
@@ -625,12 +626,6 @@ impl EventTx {
                         classify(error)
                     })?
                     .flatten();
-                let expected = postgres::ProofKey::receipt(
-                    &session.key.proof(&event.source, &event.id),
-                    status,
-                    reply.as_deref(),
-                    result,
-                );
                 if receipt.as_deref() != Some(expected.as_slice()) {
                     session.tainted = true;
                     return Err(Rejection::Internal(

@@ -482,11 +482,9 @@ pub struct EventSession {
     /// The session's server process, read with the claim (the host cancels
     /// its statement when the event's deadline passes).
     pub(super) backend_pid: Option<i32>,
-    /// This transaction claimed its event (`exactly.claim_event` inserted
-    /// the claim row `exactly.store_answer` answers).
-    pub(super) claimed: bool,
-    /// The id of the transaction that claimed the event, as text.
-    pub(super) xact: Option<String>,
+    /// Set when this transaction claimed its event (`exactly.claim_event`
+    /// inserted the claim row `exactly.store_answer` answers).
+    pub(super) claim: Option<OwnClaim>,
     /// A handler statement failed with SQLSTATE `0A000` (on a cached
     /// statement: "cached plan must not change result type", a migration
     /// changed a table under it): the session is closed and the event may
@@ -497,6 +495,15 @@ pub struct EventSession {
     pub(super) tainted: bool,
 }
 
+/// The claim this transaction holds.
+pub(super) struct OwnClaim {
+    /// The event's proof (computed once: the receipt is derived from it).
+    pub proof: Vec<u8>,
+    /// The id of the transaction that claimed the event, as text; the
+    /// COMMIT must run in it.
+    pub xact: Option<String>,
+}
+
 impl EventSession {
     pub(super) async fn begin(pool: &PgPool, key: Arc<ProofKey>) -> Result<EventSession, sqlx::Error> {
         let mut connection = pool.acquire().await?;
@@ -504,7 +511,7 @@ impl EventSession {
             drop(connection.detach());
             return Err(error);
         }
-        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claimed: false, xact: None, stale: false, tainted: false })
+        Ok(EventSession { connection: Some(connection), key, backend_pid: None, claim: None, stale: false, tainted: false })
     }
 
     pub(super) fn connection(&mut self) -> &mut PgConnection {
@@ -526,7 +533,8 @@ impl EventSession {
         let driver: Option<i64> = rows.first().map(|row| row.try_get(0)).transpose()?;
         let committed_in: Option<String> = if commit { rows.first().map(|row| row.try_get(1)).transpose()?.flatten() } else { None };
         let cached = self.connection().cached_statements_size();
-        let ended_early = commit && (self.xact.is_none() || committed_in != self.xact);
+        let claimed_in = self.claim.as_ref().and_then(|claim| claim.xact.as_ref());
+        let ended_early = commit && (claimed_in.is_none() || committed_in.as_ref() != claimed_in);
         if ended_early {
             self.tainted = true;
         }
@@ -538,7 +546,10 @@ impl EventSession {
                 server = ?driver,
                 cached,
                 tainted = self.tainted,
-                "a handler's statements replaced or dropped the driver's prepared statements; closing its session"
+                stale = self.stale,
+                ended_early,
+                "closing the event's session: a handler's statements replaced or dropped the driver's prepared statements, \
+                 a cached statement went stale, or the handler ended the transaction"
             );
             // Drop detaches it.
         }
