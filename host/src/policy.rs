@@ -211,9 +211,7 @@ impl Policy {
         if let Some(verdict) = self.cache.read().unwrap_or_else(|e| e.into_inner()).verdicts.get(sql) {
             return verdict.clone();
         }
-        let verdict = match judge_guarded(self.backend, &self.tables, sql)
-            .and_then(|admitted| guarded(|| placeholder_count(self.backend, sql).map(|n| (admitted, n))))
-        {
+        let verdict = match judge_guarded(self.backend, &self.tables, sql) {
             Ok((admitted, placeholders)) => Ok(Admitted { sql: Arc::from(admitted), placeholders }),
             Err(reason) => Err(Arc::from(reason)),
         };
@@ -247,16 +245,18 @@ pub fn placeholder_count(backend: Backend, sql: &str) -> Result<usize, String> {
         .with_unescape(false)
         .tokenize()
         .map_err(|e| format!("the statement could not be tokenized ({e})"))?;
-    let mut highest = 0;
-    for token in tokens {
-        if let Token::Placeholder(p) = token
-            && let Some(digits) = p.strip_prefix('$')
-            && let Ok(n) = digits.parse::<usize>()
-        {
-            highest = highest.max(n);
-        }
-    }
-    Ok(highest)
+    Ok(highest_placeholder(&tokens))
+}
+
+fn highest_placeholder(tokens: &[Token]) -> usize {
+    tokens
+        .iter()
+        .filter_map(|token| match token {
+            Token::Placeholder(p) => p.strip_prefix('$')?.parse::<usize>().ok(),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Only the placeholder rewrite the policy does on admitted SQL: unchanged
@@ -288,8 +288,8 @@ thread_local! {
 /// the parser is a refusal, never a crash. The first one is reported on
 /// stderr by whatever panic hook is installed; after it, a hook that
 /// forwards every other panic unchanged keeps later parser panics quiet.
-fn judge_guarded(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String, String> {
-    guarded(|| judge(backend, tables, sql))
+fn judge_guarded(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<(String, usize), String> {
+    guarded(|| judge_counted(backend, tables, sql))
 }
 
 /// Runs `judge` with a panic turned into a refusal.
@@ -323,7 +323,16 @@ fn quiet_later_parser_panics() {
     });
 }
 
+/// The admitted text alone (the unit tests' view of [`judge_counted`]).
+#[cfg(test)]
 fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String, String> {
+    judge_counted(backend, tables, sql).map(|(admitted, _)| admitted)
+}
+
+/// The verdict on one statement: the text to run and how many values it
+/// takes (the highest `$n`, read from the tokens checked anyway), or the
+/// reason it is refused.
+fn judge_counted(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<(String, usize), String> {
     let dialect = dialect(backend);
     if sql.len() > MAX_SQL_BYTES {
         return Err(format!("the statement is longer than {MAX_SQL_BYTES} bytes"));
@@ -376,9 +385,10 @@ fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String
     if let ControlFlow::Break(refusal) = statement.visit(&mut check) {
         return Err(refusal);
     }
+    let placeholders = highest_placeholder(&tokens);
     match backend {
-        Backend::Postgres => Ok(sql.to_owned()),
-        Backend::Sqlite => numbered_placeholders(dialect, sql),
+        Backend::Postgres => Ok((sql.to_owned(), placeholders)),
+        Backend::Sqlite => Ok((numbered_placeholders(dialect, sql)?, placeholders)),
     }
 }
 
