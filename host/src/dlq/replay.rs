@@ -1,0 +1,239 @@
+//! `exactly dlq replay`: sends each dead letter's original event again
+//! and records the attempt on its row.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request};
+use http_body_util::{BodyExt, Full};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+use clap::Args;
+
+use super::one_line;
+use super::rows::{DeadLetter, connect, record, select_one};
+use crate::cli::DatabaseArgs;
+use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
+use crate::decode::SPEC_VERSION;
+
+/// How much of a failed replay's answer is kept on the row and printed.
+const REPLAY_ERROR_BYTES: usize = 1024;
+
+#[derive(Args, Debug)]
+pub(super) struct ReplayArgs {
+    #[command(flatten)]
+    database: DatabaseArgs,
+
+    /// The dead letters' ids (the first column of `exactly dlq list`).
+    #[arg(required = true)]
+    ids: Vec<i64>,
+
+    /// Where to send the events (`http://` only): the broker's ingress, or
+    /// `exactly` itself (`http://exactly.<namespace>.svc/`).
+    #[arg(long)]
+    to: String,
+
+    /// Send even dead letters that were already replayed successfully.
+    #[arg(long)]
+    force: bool,
+
+    /// How long one replay may take before it counts as failed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// What one replay attempt got.
+struct ReplayOutcome {
+    status: Option<u16>,
+    error: Option<String>,
+}
+
+impl ReplayOutcome {
+    fn accepted(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let target: http::Uri = args.to.parse().with_context(|| format!("--to {:?} is not a URL", args.to))?;
+    match target.scheme_str() {
+        Some("http") => {}
+        Some(other) => bail!("--to {:?}: only http:// is supported (got {other}://); use the in-cluster address", args.to),
+        None => bail!("--to {:?} is not an absolute http:// URL", args.to),
+    }
+    let database = connect(&args.database).await?;
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut failed = 0usize;
+    for &dead_letter_id in &args.ids {
+        let Some(dead_letter) = select_one(&database, dead_letter_id).await? else {
+            println!("dead letter {dead_letter_id}: not found");
+            failed += 1;
+            continue;
+        };
+        if let Some(replayed_at) = &dead_letter.replayed_at
+            && !args.force
+        {
+            println!(
+                "dead letter {dead_letter_id}: already replayed at {replayed_at} (to {}); not sent again (--force sends it anyway)",
+                dead_letter.last_replay_to.as_deref().unwrap_or("?")
+            );
+            failed += 1;
+            continue;
+        }
+        let outcome = match replay_request(&dead_letter, &target) {
+            Ok(request) => send(&client, request, args.timeout).await,
+            Err(error) => ReplayOutcome { status: None, error: Some(format!("{error:#}")) },
+        };
+        let recorded = record(&database, dead_letter_id, &args.to, outcome.accepted(), outcome.status, outcome.error.as_deref()).await;
+        let what = format!(
+            "dead letter {dead_letter_id} ({} {} from {})",
+            dead_letter.ty, dead_letter.id, dead_letter.source
+        );
+        match (&outcome, outcome.accepted()) {
+            (ReplayOutcome { status: Some(status), .. }, true) => println!("{what}: replayed to {}: HTTP {status}", args.to),
+            (ReplayOutcome { status, error }, _) => {
+                failed += 1;
+                let status = status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
+                println!(
+                    "{what}: NOT replayed to {}: {status}: {}",
+                    args.to,
+                    one_line(error.as_deref().unwrap_or(""))
+                );
+            }
+        }
+        if let Err(error) = recorded {
+            failed += 1;
+            println!("{what}: the attempt could not be recorded: {error:#}");
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} dead letters were not replayed (or not recorded)", args.ids.len());
+    }
+    Ok(())
+}
+
+/// The original event in binary mode: `ce-*` headers, percent-encoded as
+/// the HTTP binding requires, and the data as the body. The `knativeerror*`
+/// extensions are Knative's report about the failure, not part of the event.
+fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
+    /// Space, `"`, `%`, controls and (always) non-ASCII.
+    const ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+    let mut request = Request::post(target.clone());
+    let headers = request.headers_mut().context("building the request")?;
+    let mut put = |name: String, value: &str| -> anyhow::Result<()> {
+        let name = HeaderName::from_bytes(name.as_bytes()).with_context(|| format!("attribute name {name:?}"))?;
+        let encoded = utf8_percent_encode(value, ENCODE).to_string();
+        let value = HeaderValue::from_str(&encoded).with_context(|| format!("value of {name}"))?;
+        headers.insert(name, value);
+        Ok(())
+    };
+    put("ce-specversion".into(), SPEC_VERSION)?;
+    put("ce-id".into(), &dead_letter.id)?;
+    put("ce-source".into(), &dead_letter.source)?;
+    put("ce-type".into(), &dead_letter.ty)?;
+    for (name, value) in [("subject", &dead_letter.subject), ("time", &dead_letter.time), ("dataschema", &dead_letter.dataschema)] {
+        if let Some(value) = value {
+            put(format!("ce-{name}"), value)?;
+        }
+    }
+    for (name, value) in &dead_letter.extensions {
+        if [ERROR_CODE, ERROR_DATA, ERROR_DEST].contains(&name.as_str()) {
+            continue;
+        }
+        let value = match value {
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        put(format!("ce-{name}"), &value)?;
+    }
+    if let Some(content_type) = &dead_letter.datacontenttype {
+        let value = HeaderValue::from_str(content_type).context("datacontenttype is not a valid Content-Type")?;
+        headers.insert(http::header::CONTENT_TYPE, value);
+    }
+    let body = Bytes::from(dead_letter.data.clone().unwrap_or_default());
+    Ok(request.body(Full::new(body))?)
+}
+
+async fn send(client: &Client, request: Request<Full<Bytes>>, timeout: Duration) -> ReplayOutcome {
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| format!("{e:#}: {}", source_chain(&e)))?;
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        let mut incoming = response.into_body();
+        while let Some(frame) = incoming.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Ok(data) = frame.into_data() {
+                body.extend_from_slice(&data);
+                if body.len() >= REPLAY_ERROR_BYTES {
+                    break;
+                }
+            }
+        }
+        body.truncate(REPLAY_ERROR_BYTES);
+        Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok((status, body))) => {
+            let error = (!(200..300).contains(&status)).then(|| if body.is_empty() { format!("HTTP {status}") } else { body });
+            ReplayOutcome { status: Some(status), error }
+        }
+        Ok(Err(error)) => ReplayOutcome { status: None, error: Some(error) },
+        Err(_) => ReplayOutcome { status: None, error: Some(format!("no answer within {timeout:?}")) },
+    }
+}
+
+/// The causes below an error, joined (hyper's own message is terse).
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut causes = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    causes.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_leaves_out_knatives_error_extensions_and_percent_encodes() {
+        let dead_letter = DeadLetter {
+            dead_letter_id: 1,
+            received_at: String::new(),
+            last_received_at: String::new(),
+            deliveries: 1,
+            source: "urn:a b".into(),
+            id: "é".into(),
+            ty: "t".into(),
+            subject: Some("s".into()),
+            time: None,
+            datacontenttype: Some("application/json".into()),
+            dataschema: None,
+            extensions: serde_json::from_str(r#"{"knativeerrorcode":"500","traceparent":"00-x"}"#).unwrap(),
+            data: Some(b"{}".to_vec()),
+            error_code: Some("500".into()),
+            error_data: None,
+            error_dest: None,
+            replay_attempts: 0,
+            last_replay_at: None,
+            last_replay_to: None,
+            last_replay_status: None,
+            last_replay_error: None,
+            replayed_at: None,
+        };
+        let request = replay_request(&dead_letter, &"http://h/".parse().unwrap()).unwrap();
+        let headers = request.headers();
+        assert_eq!(headers["ce-source"], "urn:a%20b");
+        assert_eq!(headers["ce-id"], "%C3%A9");
+        assert_eq!(headers["ce-subject"], "s");
+        assert_eq!(headers["ce-traceparent"], "00-x");
+        assert_eq!(headers["content-type"], "application/json");
+        assert!(!headers.contains_key("ce-knativeerrorcode"));
+    }
+}
