@@ -334,18 +334,27 @@ impl App {
     /// decodes it into a CloudEvent, or answers why it cannot.
     async fn read_event(&self, request: Request<Incoming>, limit: usize) -> Result<CloudEvent, Response<Body>> {
         let (parts, body) = request.into_parts();
-        self.read_parts(&parts, body, limit).await.map_err(|(rejection, response)| {
+        let read = match self.read_request_body(&parts, body, limit).await {
+            Ok(body) => decode(&parts.headers, body).map_err(|rejection| {
+                tracing::info!(error = rejection.code(), "{rejection}");
+                (rejection.clone(), rejection.into_response())
+            }),
+            Err(refused) => Err(refused),
+        };
+        read.map_err(|(rejection, response)| {
             self.metrics.rejected(rejection.code());
             response
         })
     }
 
-    async fn read_parts(
+    /// The whole body of a request, or the answer refusing it (shutting
+    /// down, no database yet, over `limit`, unreadable, too slow).
+    async fn read_request_body(
         &self,
         parts: &http::request::Parts,
         mut body: Incoming,
         limit: usize,
-    ) -> Result<CloudEvent, (Rejection, Response<Body>)> {
+    ) -> Result<Vec<u8>, (Rejection, Response<Body>)> {
         // A refusal before or while the body is read: the connection closes
         // after the answer.
         let refuse = |body, rejection: Rejection| {
@@ -368,49 +377,57 @@ impl App {
             return Err(refuse(body, Rejection::PayloadTooLarge(limit)));
         }
         let read = tokio::time::timeout(self.body_read_timeout, read_body(&mut body, limit)).await;
-        let body = match read {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(BodyError::TooLarge)) => return Err(refuse(body, Rejection::PayloadTooLarge(limit))),
+        match read {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(BodyError::TooLarge)) => Err(refuse(body, Rejection::PayloadTooLarge(limit))),
             Ok(Err(BodyError::Read(error))) => {
                 let rejection = Rejection::InvalidEvent(format!("the request body could not be read: {error}"));
-                return Err((rejection.clone(), closing(rejection.into_response())));
+                Err((rejection.clone(), closing(rejection.into_response())))
             }
             Err(_elapsed) => {
                 tracing::info!(timeout = ?self.body_read_timeout, "the request body did not arrive in time");
                 let rejection = Rejection::RequestTimeout(self.body_read_timeout);
-                return Err((rejection.clone(), closing(rejection.into_response())));
+                Err((rejection.clone(), closing(rejection.into_response())))
             }
-        };
-        decode(&parts.headers, body).map_err(|rejection| {
-            tracing::info!(error = rejection.code(), "{rejection}");
-            (rejection.clone(), rejection.into_response())
-        })
+        }
     }
 
-    /// `POST /dead-letter`: stores the dead-lettered event (see [`dlq`]) and
-    /// answers 202 once it is committed; runs no handler.
+    /// `POST /dead-letter`: stores the dead letter (see [`dlq`]), as an
+    /// event when it is a valid one and as received otherwise, and answers
+    /// 202 once it is committed; runs no handler.
     async fn receive_dead_letter(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let event = match self.read_event(request, self.max_dead_letter_bytes).await {
-            Ok(event) => event,
-            Err(response) => return response,
+        let (parts, body) = request.into_parts();
+        let body = match self.read_request_body(&parts, body, self.max_dead_letter_bytes).await {
+            Ok(body) => body,
+            Err((rejection, response)) => {
+                self.metrics.rejected(rejection.code());
+                return response;
+            }
         };
+        let letter = match decode(&parts.headers, body.clone()) {
+            Ok(event) => dlq::Letter::event(&event, &parts.headers, &body),
+            Err(rejection) => dlq::Letter::raw(&parts.headers, &body, rejection.to_string()),
+        };
+        if let Some(problem) = letter.problem() {
+            tracing::warn!(problem, "the dead letter is not a valid CloudEvent; it is stored as received");
+        }
         // Like an event: its own task, counted in flight, so neither a
         // client hanging up nor a shutdown cuts the transaction short.
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let app = self.clone();
         let task = tokio::spawn(async move {
             let pipeline = app.pipeline.get().expect("checked before the body was read");
-            let result = dlq::store(&pipeline.database, &event, app.dead_letter_quota).await;
+            let result = dlq::store(&pipeline.database, &letter, app.dead_letter_quota).await;
             if let Err(rejection @ Rejection::DeadLetterQuota { .. }) = &result {
                 app.metrics.dead_letter_over_quota();
                 tracing::warn!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
-                    error = rejection.code(), "dead letter over quota, not stored, retry expected: {rejection}"
+                    status = rejection.status().as_u16(), error = rejection.code(),
+                    "dead letter over quota, not stored, retry expected: {rejection}"
                 );
             } else if let Err(rejection) = &result {
                 tracing::warn!(
-                    source = %event.source, id = %event.id, r#type = %event.ty, status = rejection.status().as_u16(),
-                    error = rejection.code(), "dead letter not stored, retry expected: {rejection}"
+                    status = rejection.status().as_u16(), error = rejection.code(),
+                    "dead letter not stored, retry expected: {rejection}"
                 );
             }
             if app.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {

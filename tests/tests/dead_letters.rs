@@ -21,7 +21,7 @@ both_backends!(
     structured_dead_letters_and_list_filters,
     replay_resends_the_event_and_records_it,
     failed_replays_are_recorded_and_exit_non_zero,
-    malformed_dead_letters_are_refused,
+    malformed_dead_letters_are_kept_as_received_and_replayed_as_they_came,
     busy_database_answers_503_and_stores_nothing,
     dead_letters_may_be_larger_than_events,
     quota_answers_503_and_retention_frees_it,
@@ -508,34 +508,146 @@ async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
     );
 }
 
-async fn malformed_dead_letters_are_refused(backend: Backend) {
+/// Accepts one HTTP request on a free port, answers 202 and hands back the
+/// request as it arrived: the head's lines and the body.
+async fn capture_one_request() -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = format!("http://{}/", listener.local_addr().expect("address"));
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 8192];
+        let head_end = loop {
+            let read = stream.read(&mut buffer).await.expect("read");
+            assert!(read > 0, "the request ended before its head");
+            request.extend_from_slice(&buffer[..read]);
+            if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+        };
+        let head: Vec<String> = String::from_utf8_lossy(&request[..head_end]).lines().map(str::to_owned).collect();
+        let length: usize = head
+            .iter()
+            .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+            .unwrap_or(0);
+        let mut body = request[head_end + 4..].to_vec();
+        while body.len() < length {
+            let read = stream.read(&mut buffer).await.expect("read");
+            assert!(read > 0, "the request ended before its body");
+            body.extend_from_slice(&buffer[..read]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("answer");
+        let _ = sender.send((head, body));
+    });
+    (address, receiver)
+}
+
+/// Fault 1 of issue 10: on a 4xx the Knative dispatcher commits the offset
+/// and a dead letter is gone, so the sink stores whatever it is sent, as a
+/// valid event when it is one and as received otherwise: a relative
+/// `dataschema` (the Java SDK accepts them; `POST /` refuses them, which is
+/// why they are dead-lettered), an attribute holding NUL after
+/// percent-decoding (PostgreSQL text cannot hold it), a body that is not
+/// JSON, a dead letter without an id. `dlq list` says which were kept raw
+/// and why; `dlq replay` sends those back byte for byte.
+async fn malformed_dead_letters_are_kept_as_received_and_replayed_as_they_came(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let headers = [(
-        "content-type".to_owned(),
-        "application/cloudevents+json".to_owned(),
-    )];
-    app.post_to("/dead-letter", &headers, b"{not json".to_vec())
+    let table = backend.dead_letters_table();
+    let failed = app.send_binary(&Event::new("test.permanent")).await;
+
+    // The answer `POST /` gives the relative dataschema is what sends it here.
+    let relative = Event::new("test.count");
+    let mut relative_headers = dead_letter_headers(&relative, &failed, "http://x/");
+    relative_headers.push(("ce-dataschema".into(), "/schemas/order/v1.json".into()));
+    app.post_to("/", &relative_headers, relative.data_bytes())
         .await
         .assert_error(400, "invalid-event");
+    let answer = app.post_to("/dead-letter", &relative_headers, relative.data_bytes()).await;
+    assert_eq!(answer.status, 202, "{}", String::from_utf8_lossy(&answer.body));
 
-    let event = Event::new("test.count");
-    let failed = app.send_binary(&Event::new("test.permanent")).await;
-    let mut no_id = dead_letter_headers(&event, &failed, "http://x/");
+    let nul = Event::new("test.count");
+    let mut nul_headers = dead_letter_headers(&nul, &failed, "http://x/");
+    nul_headers.push(("ce-subject".into(), "a%00b".into()));
+    for _ in 0..2 {
+        app.post_to("/dead-letter", &nul_headers, nul.data_bytes())
+            .await
+            .assert_accepted();
+    }
+
+    let structured = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    app.post_to("/dead-letter", &structured, b"{not json".to_vec())
+        .await
+        .assert_accepted();
+
+    let no_id_event = Event::new("test.count");
+    let mut no_id = dead_letter_headers(&no_id_event, &failed, "http://x/");
     no_id.retain(|(name, _)| name != "ce-id");
-    let answer = app
-        .post_to("/dead-letter", &no_id, event.data_bytes())
-        .await;
-    let body = answer.assert_error(400, "invalid-event");
-    assert!(body.message.contains("`id`"), "{}", body.message);
+    app.post_to("/dead-letter", &no_id, no_id_event.data_bytes())
+        .await
+        .assert_accepted();
 
-    let count = app
+    let rows = app
         .db
-        .integer(
-            &format!("SELECT count(*) FROM {}", backend.dead_letters_table()),
+        .rows(
+            &format!(
+                "SELECT id, CAST(deliveries AS TEXT), problem FROM {table} WHERE raw_headers IS NOT NULL ORDER BY dead_letter_id"
+            ),
             &[],
         )
         .await;
-    assert_eq!(count, 0, "nothing of a malformed dead letter is stored");
+    let ids: Vec<Option<String>> = rows.iter().map(|row| row[0].clone()).collect();
+    assert_eq!(
+        ids,
+        [Some(relative.id.clone()), Some(nul.id.clone()), Some(String::new()), Some(String::new())],
+        "every dead letter is stored, raw; {rows:?}"
+    );
+    assert_eq!(rows[1][1].as_deref(), Some("2"), "the NUL one's redelivery is the same row");
+    assert!(rows[0][2].as_deref().is_some_and(|p| p.contains("dataschema")), "{rows:?}");
+    assert!(rows[1][2].as_deref().is_some_and(|p| p.contains("subject")), "{rows:?}");
+    assert!(rows[3][2].as_deref().is_some_and(|p| p.contains("`id`")), "{rows:?}");
+
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 4);
+    assert!(items.iter().all(|item| item["stored_as"] == "raw"), "{items:?}");
+    assert_eq!(items[2]["raw_headers"].as_str().map(|h| h.contains("ce-subject: a%00b\r\n")), Some(true));
+    let table_text = stdout_of(&app.env().dlq(&["list"]).await, "exactly dlq list");
+    assert!(
+        table_text.contains("STORED AS") && table_text.contains("Stored as received") && table_text.contains("dataschema"),
+        "{table_text}"
+    );
+
+    // Replayed as it came: the same header bytes (Knative's report left
+    // out) and the same body.
+    let nul_id = id_of(&items[2]);
+    let (to, received) = capture_one_request().await;
+    stdout_of(
+        &app.env().dlq(&["replay", &nul_id.to_string(), "--to", &to]).await,
+        "exactly dlq replay",
+    );
+    let (head, body) = received.await.expect("the replay arrived");
+    assert_eq!(body, nul.data_bytes());
+    let sent: Vec<String> = head[1..]
+        .iter()
+        .filter(|line| line.starts_with("ce-") || line.starts_with("content-type"))
+        .cloned()
+        .collect();
+    let expected: Vec<String> = nul_headers
+        .iter()
+        .filter(|(name, _)| !name.starts_with("ce-knativeerror"))
+        .map(|(name, value)| format!("{name}: {value}"))
+        .collect();
+    let sorted = |mut lines: Vec<String>| {
+        lines.sort();
+        lines
+    };
+    assert_eq!(sorted(sent), sorted(expected));
+    assert_eq!(replay_columns(&app, nul_id).await[1].as_deref(), Some("202"));
+
     app.get("/dead-letter")
         .await
         .assert_error(405, "method-not-allowed");

@@ -83,8 +83,8 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
-    let header = ["ID", "RECEIVED", "TYPE", "SOURCE", "EVENT ID", "CODE", "DEST", "STATE", "ERROR"];
-    let rows: Vec<[String; 9]> = dead_letters
+    let header = ["ID", "RECEIVED", "TYPE", "SOURCE", "EVENT ID", "CODE", "DEST", "STORED AS", "STATE", "ERROR"];
+    let rows: Vec<[String; 10]> = dead_letters
         .iter()
         .map(|d| {
             [
@@ -95,6 +95,7 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
                 d.id.clone(),
                 d.error_code.clone().unwrap_or_else(|| "-".into()),
                 d.error_dest.clone().unwrap_or_else(|| "-".into()),
+                d.stored_as().to_owned(),
                 d.state(),
                 d.decoded_error().unwrap_or_else(|| "-".into()),
             ]
@@ -104,6 +105,14 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
     print!("{}", table(&header, &rows));
     if rows.is_empty() {
         println!("(no dead letters)");
+    }
+    let raw: Vec<String> = dead_letters
+        .iter()
+        .filter_map(|d| d.problem.as_ref().map(|problem| format!("  {}: {}", d.dead_letter_id, one_line(problem))))
+        .collect();
+    if !raw.is_empty() {
+        println!("\nStored as received, not as a valid CloudEvent (`dlq replay` sends them back as they came):");
+        println!("{}", raw.join("\n"));
     }
     Ok(())
 }

@@ -7,7 +7,10 @@
 //! and `knativeerrordest` (where it was going). `POST /dead-letter` stores
 //! that event whole in the host table `exactly.dead_letters`
 //! (`exactly_dead_letters` on SQLite) and answers 202 only once the row is
-//! committed; any database trouble answers 503 so the dispatcher retries.
+//! committed. A dead letter that is not a valid CloudEvent is stored too,
+//! kept as received with the reason (see [`raw`]): the dispatcher commits
+//! the offset on any 4xx, so the only refusals are its size (413) and the
+//! database (503 when unreachable or contended, 500 for anything else).
 //! No handler runs on this path.
 //!
 //! Deduplication: Knative delivers to the dead-letter sink at least once,
@@ -27,11 +30,13 @@
 //!
 //! The module's parts, one concept each: [`sink`] stores what `POST
 //! /dead-letter` receives (the dedup key, the quota, the SQL of both
-//! backends); [`rows`] reads and updates stored rows; [`cli`] is the
+//! backends), [`raw`] what it keeps of a request that is not a valid
+//! event; [`rows`] reads and updates stored rows; [`cli`] is the
 //! `exactly dlq` command line and its table printer; [`replay`] is the
 //! client that sends an event again.
 
 pub mod cli;
+mod raw;
 mod replay;
 mod rows;
 pub mod sink;
@@ -39,7 +44,7 @@ pub mod sink;
 use base64::Engine;
 
 pub use cli::{DlqArgs, run};
-pub use sink::{DEFAULT_QUOTA, Stored, accepted, store, stored_bytes};
+pub use sink::{DEFAULT_QUOTA, Letter, Stored, accepted, store};
 
 /// The path the Knative Trigger's `delivery.deadLetterSink` points at.
 pub const PATH: &str = "/dead-letter";

@@ -12,6 +12,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use clap::Args;
 
 use super::one_line;
+use super::raw::{header_lines, is_knative_report};
 use super::rows::{DeadLetter, connect, record, select_one};
 use crate::cli::DatabaseArgs;
 use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
@@ -119,7 +120,13 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 /// The original event in binary mode: `ce-*` headers, percent-encoded as
 /// the HTTP binding requires, and the data as the body. The `knativeerror*`
 /// extensions are Knative's report about the failure, not part of the event.
+///
+/// A dead letter kept raw goes back as it came: its headers byte for byte
+/// (Knative's report left out) and its body.
 fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
+    if let Some(raw) = &dead_letter.raw_headers {
+        return raw_request(raw, dead_letter, target);
+    }
     /// Space, `"`, `%`, controls and (always) non-ASCII.
     const ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
     let mut request = Request::post(target.clone());
@@ -153,6 +160,21 @@ fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Resul
     if let Some(content_type) = &dead_letter.datacontenttype {
         let value = HeaderValue::from_str(content_type).context("datacontenttype is not a valid Content-Type")?;
         headers.insert(http::header::CONTENT_TYPE, value);
+    }
+    let body = Bytes::from(dead_letter.data.clone().unwrap_or_default());
+    Ok(request.body(Full::new(body))?)
+}
+
+fn raw_request(raw: &[u8], dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
+    let lines = header_lines(raw).context("the stored raw headers are not `name: value` lines")?;
+    let mut request = Request::post(target.clone());
+    let headers = request.headers_mut().context("building the request")?;
+    for (name, value) in lines {
+        let name = HeaderName::from_bytes(name).context("a stored header name")?;
+        if is_knative_report(name.as_str()) {
+            continue;
+        }
+        headers.append(name, HeaderValue::from_bytes(value).context("a stored header value")?);
     }
     let body = Bytes::from(dead_letter.data.clone().unwrap_or_default());
     Ok(request.body(Full::new(body))?)
@@ -226,6 +248,8 @@ mod tests {
             last_replay_status: None,
             last_replay_error: None,
             replayed_at: None,
+            problem: None,
+            raw_headers: None,
         };
         let request = replay_request(&dead_letter, &"http://h/".parse().unwrap()).unwrap();
         let headers = request.headers();
@@ -235,5 +259,19 @@ mod tests {
         assert_eq!(headers["ce-traceparent"], "00-x");
         assert_eq!(headers["content-type"], "application/json");
         assert!(!headers.contains_key("ce-knativeerrorcode"));
+
+        // Kept raw: sent back byte for byte, twice-given headers twice,
+        // Knative's report left out.
+        let raw = DeadLetter {
+            raw_headers: Some(b"ce-id: a%00b\r\nce-knativeerrorcode: 500\r\ncontent-type: a/b\r\ncontent-type: c/d\r\n".to_vec()),
+            data: Some(b"\x1f\x8b".to_vec()),
+            problem: Some("why".into()),
+            ..dead_letter
+        };
+        let request = replay_request(&raw, &"http://h/".parse().unwrap()).unwrap();
+        let headers = request.headers();
+        assert_eq!(headers["ce-id"], "a%00b");
+        assert_eq!(headers.get_all("content-type").iter().collect::<Vec<_>>(), ["a/b", "c/d"]);
+        assert!(!headers.contains_key("ce-source") && !headers.contains_key("ce-knativeerrorcode"));
     }
 }

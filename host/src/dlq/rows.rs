@@ -72,6 +72,11 @@ pub(super) struct DeadLetter {
     pub last_replay_status: Option<i64>,
     pub last_replay_error: Option<String>,
     pub replayed_at: Option<String>,
+    /// Why it is kept as received (see [`super::raw`]); `None` when it was
+    /// stored as a valid event.
+    pub problem: Option<String>,
+    /// The raw form's headers, `name: value\r\n` each.
+    pub raw_headers: Option<Vec<u8>>,
 }
 
 /// The columns of [`DeadLetter`], timestamps as `YYYY-MM-DDTHH:MM:SS.mmmZ`
@@ -84,10 +89,10 @@ const COLUMNS_PG: &str = "dead_letter_id,
     replay_attempts::bigint AS replay_attempts,
     to_char(last_replay_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS last_replay_at,
     last_replay_to, last_replay_status::bigint AS last_replay_status, last_replay_error,
-    to_char(replayed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS replayed_at";
+    to_char(replayed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS replayed_at, problem, raw_headers";
 const COLUMNS_SQLITE: &str = "dead_letter_id, received_at, last_received_at, deliveries, source, id, type, subject,
     time, datacontenttype, dataschema, extensions, data, error_code, error_data, error_dest, replay_attempts,
-    last_replay_at, last_replay_to, last_replay_status, last_replay_error, replayed_at";
+    last_replay_at, last_replay_to, last_replay_status, last_replay_error, replayed_at, problem, raw_headers";
 
 fn dead_letter_from_row<R: Row>(row: &R) -> Result<DeadLetter, sqlx::Error>
 where
@@ -126,6 +131,8 @@ where
         last_replay_status: row.try_get(19)?,
         last_replay_error: row.try_get(20)?,
         replayed_at: row.try_get(21)?,
+        problem: row.try_get(22)?,
+        raw_headers: row.try_get(23)?,
     })
 }
 
@@ -226,6 +233,12 @@ impl DeadLetter {
         self.error_data.as_deref().map(decode_error_data)
     }
 
+    /// `event` (a valid CloudEvent, stored attribute by attribute) or `raw`
+    /// (kept as received, see [`super::raw`]).
+    pub(super) fn stored_as(&self) -> &'static str {
+        if self.raw_headers.is_some() { "raw" } else { "event" }
+    }
+
     /// `pending`, `replayed`, or what the last failed replay got.
     pub(super) fn state(&self) -> String {
         if self.replayed_at.is_some() {
@@ -269,6 +282,9 @@ impl DeadLetter {
             "last_replay_status": self.last_replay_status,
             "last_replay_error": self.last_replay_error,
             "replayed_at": self.replayed_at,
+            "stored_as": self.stored_as(),
+            "problem": self.problem,
+            "raw_headers": self.raw_headers.as_deref().map(String::from_utf8_lossy),
         })
     }
 }

@@ -26,23 +26,140 @@ pub enum Stored {
 /// `--dead-letter-quota`'s default: 1 GiB of dead letters not yet replayed.
 pub const DEFAULT_QUOTA: u64 = 1024 * 1024 * 1024;
 
-/// The bytes a dead letter stores, as the quota counts them: its data, its
-/// extensions as stored (the JSON text, Knative's three included) and the
-/// text of its attributes. The same sum as migration 0004's for older rows.
-pub fn stored_bytes(event: &CloudEvent, extensions_json: &str) -> u64 {
-    let optional = |value: &Option<String>| value.as_ref().map_or(0, String::len);
-    (event.data.as_ref().map_or(0, Vec::len)
-        + extensions_json.len()
-        + event.source.len()
-        + event.id.len()
-        + event.ty.len()
-        + optional(&event.subject)
-        + optional(&event.time)
-        + optional(&event.datacontenttype)
-        + optional(&event.dataschema)) as u64
+/// One dead letter as the sink stores it: the columns of its row.
+///
+/// Built from a valid [`CloudEvent`] ([`Letter::event`]), or, when the
+/// request is not one the sink can validate and store as an event, from
+/// the request as received ([`Letter::raw`]). Either way it is stored: a
+/// 4xx from the dead-letter sink makes the Knative dispatcher commit the
+/// offset, and the event would be gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Letter {
+    source: String,
+    id: String,
+    ty: String,
+    subject: Option<String>,
+    time: Option<String>,
+    datacontenttype: Option<String>,
+    dataschema: Option<String>,
+    /// The extensions as stored: a JSON object of text values.
+    extensions: String,
+    data: Option<Vec<u8>>,
+    code: Option<String>,
+    error_data: Option<String>,
+    dest: Option<String>,
+    /// Why the dead letter is kept raw; `None` for a valid event.
+    problem: Option<String>,
+    /// The raw form's headers, `name: value\r\n` each; `None` for an event.
+    raw_headers: Option<Vec<u8>>,
+    dedup_key: [u8; 32],
 }
 
-/// Stores a dead-lettered event; `Ok` means the row is committed.
+impl Letter {
+    /// A valid event, stored attribute by attribute, or kept raw when a
+    /// value cannot be stored as text (see [`unstorable`]).
+    pub fn event(event: &CloudEvent, headers: &http::HeaderMap, body: &[u8]) -> Letter {
+        if let Some(problem) = unstorable(event) {
+            return Letter::raw(headers, body, problem);
+        }
+        let extension = |name: &str| event.extensions.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let dest = extension(ERROR_DEST);
+        let extensions: serde_json::Map<String, serde_json::Value> = event
+            .extensions
+            .iter()
+            .map(|(name, value)| (name.clone(), serde_json::Value::String(value.clone())))
+            .collect();
+        Letter {
+            source: event.source.clone(),
+            id: event.id.clone(),
+            ty: event.ty.clone(),
+            subject: event.subject.clone(),
+            time: event.time.clone(),
+            datacontenttype: event.datacontenttype.clone(),
+            dataschema: event.dataschema.clone(),
+            extensions: serde_json::Value::Object(extensions).to_string(),
+            data: event.data.clone(),
+            code: extension(ERROR_CODE),
+            error_data: extension(ERROR_DATA),
+            dedup_key: dedup_key(event, dest.as_deref()),
+            dest,
+            problem: None,
+            raw_headers: None,
+        }
+    }
+
+    /// A request the sink cannot store as an event, kept as received (see
+    /// [`super::raw`]): its event-shaping headers and its body, with the
+    /// reason. Source, id and type are read as far as they can be, for
+    /// `dlq list` only.
+    pub fn raw(headers: &http::HeaderMap, body: &[u8], problem: String) -> Letter {
+        let raw = super::raw::Raw::of(headers, body);
+        Letter {
+            source: raw.source,
+            id: raw.id,
+            ty: raw.ty,
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            extensions: "{}".to_owned(),
+            data: Some(body.to_vec()),
+            code: raw.code,
+            error_data: raw.error_data,
+            dedup_key: raw.dedup_key,
+            dest: raw.dest,
+            problem: Some(problem),
+            raw_headers: Some(raw.headers),
+        }
+    }
+
+    /// Whether it is kept raw, and why.
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_deref()
+    }
+
+    /// The bytes the row stores, as the quota counts them: data, raw
+    /// headers, the extensions' JSON, the problem and the attributes' text.
+    /// For events, the same sum as migration 0004's for older rows.
+    pub fn stored_bytes(&self) -> u64 {
+        let optional = |value: &Option<String>| value.as_ref().map_or(0, String::len);
+        (self.data.as_ref().map_or(0, Vec::len)
+            + self.raw_headers.as_ref().map_or(0, Vec::len)
+            + self.extensions.len()
+            + optional(&self.problem)
+            + self.source.len()
+            + self.id.len()
+            + self.ty.len()
+            + optional(&self.subject)
+            + optional(&self.time)
+            + optional(&self.datacontenttype)
+            + optional(&self.dataschema)) as u64
+    }
+}
+
+/// Why a valid event cannot be stored attribute by attribute: PostgreSQL's
+/// `text` and `jsonb` cannot hold U+0000, and the CloudEvents type system
+/// does not allow it in a String. Checked on both backends, so a dead
+/// letter is stored the same way whichever database holds it.
+fn unstorable(event: &CloudEvent) -> Option<String> {
+    let attributes = [
+        ("source", Some(&event.source)),
+        ("id", Some(&event.id)),
+        ("type", Some(&event.ty)),
+        ("subject", event.subject.as_ref()),
+        ("time", event.time.as_ref()),
+        ("datacontenttype", event.datacontenttype.as_ref()),
+        ("dataschema", event.dataschema.as_ref()),
+    ];
+    let extensions = event.extensions.iter().map(|(name, value)| (name.as_str(), Some(value)));
+    attributes
+        .into_iter()
+        .chain(extensions)
+        .find(|(_, value)| value.is_some_and(|v| v.contains('\0')))
+        .map(|(name, _)| format!("the attribute {name} contains U+0000 (NUL), which no attribute may hold"))
+}
+
+/// Stores a dead letter; `Ok` means the row is committed.
 ///
 /// The quota: the bytes of the dead letters not yet replayed, this one
 /// included, at most `quota`, or [`Rejection::DeadLetterQuota`] (503) and
@@ -58,61 +175,58 @@ pub fn stored_bytes(event: &CloudEvent, extensions_json: &str) -> u64 {
 /// instant each miss the other's uncommitted row, so the total may pass the
 /// quota by at most the dead letters in flight at once (each at most
 /// `--max-dead-letter-bytes`), and the next one is refused.
-pub async fn store(database: &Database, event: &CloudEvent, quota: u64) -> Result<Stored, Rejection> {
-    let extension = |name: &str| event.extensions.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-    let (code, data, dest) = (extension(ERROR_CODE), extension(ERROR_DATA), extension(ERROR_DEST));
-    let extensions: serde_json::Map<String, serde_json::Value> = event
-        .extensions
-        .iter()
-        .map(|(name, value)| (name.clone(), serde_json::Value::String(value.clone())))
-        .collect();
-    let extensions = serde_json::Value::Object(extensions).to_string();
-    let size = stored_bytes(event, &extensions);
-    let dedup_key = dedup_key(event, dest.as_deref());
+///
+/// Errors: the quota (503), the database unreachable or contended (503,
+/// see [`crate::storage::classify`]), anything else the database refuses
+/// (500: a fault of `exactly`, never the sender's). Never a 4xx.
+pub async fn store(database: &Database, letter: &Letter, quota: u64) -> Result<Stored, Rejection> {
+    let size = letter.stored_bytes();
     // One statement for both backends but for the SQL text: insert, or
     // count a redelivery of a dead letter not yet replayed.
     macro_rules! insert {
         ($tx:expr, $sql:expr, $sum:expr) => {{
             let row = sqlx::query($sql)
-                .bind(&event.source)
-                .bind(&event.id)
-                .bind(&event.ty)
-                .bind(&event.subject)
-                .bind(&event.time)
-                .bind(&event.datacontenttype)
-                .bind(&event.dataschema)
-                .bind(&extensions)
-                .bind(&event.data)
-                .bind(&code)
-                .bind(&data)
-                .bind(&dest)
-                .bind(&dedup_key[..])
+                .bind(&letter.source)
+                .bind(&letter.id)
+                .bind(&letter.ty)
+                .bind(&letter.subject)
+                .bind(&letter.time)
+                .bind(&letter.datacontenttype)
+                .bind(&letter.dataschema)
+                .bind(&letter.extensions)
+                .bind(&letter.data)
+                .bind(&letter.code)
+                .bind(&letter.error_data)
+                .bind(&letter.dest)
+                .bind(&letter.dedup_key[..])
                 .bind(i64::try_from(size).unwrap_or(i64::MAX))
+                .bind(&letter.problem)
+                .bind(&letter.raw_headers)
                 .fetch_one(&mut *$tx)
                 .await
-                .map_err(unavailable)?;
-            let stored = (row.try_get::<i64, _>(0).map_err(unavailable)?, row.try_get::<i64, _>(1).map_err(unavailable)?);
+                .map_err(not_stored)?;
+            let stored = (row.try_get::<i64, _>(0).map_err(not_stored)?, row.try_get::<i64, _>(1).map_err(not_stored)?);
             if stored.1 == 1 {
-                let pending: i64 = sqlx::query_scalar($sum).fetch_one(&mut *$tx).await.map_err(unavailable)?;
+                let pending: i64 = sqlx::query_scalar($sum).fetch_one(&mut *$tx).await.map_err(not_stored)?;
                 let pending = u64::try_from(pending).unwrap_or(0);
                 if pending > quota {
-                    $tx.rollback().await.map_err(unavailable)?;
+                    $tx.rollback().await.map_err(not_stored)?;
                     return Err(Rejection::DeadLetterQuota { size, pending: pending.saturating_sub(size), quota });
                 }
             }
-            $tx.commit().await.map_err(unavailable)?;
+            $tx.commit().await.map_err(not_stored)?;
             stored
         }};
     }
     let stored = match database {
         Database::Postgres(pool) => {
-            let mut tx = pool.begin().await.map_err(unavailable)?;
+            let mut tx = pool.begin().await.map_err(not_stored)?;
             insert!(
                 tx,
                 "INSERT INTO exactly.dead_letters
                      (source, id, type, subject, time, datacontenttype, dataschema, extensions, data,
-                      error_code, error_data, error_dest, dedup_key, stored_bytes)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14)
+                      error_code, error_data, error_dest, dedup_key, stored_bytes, problem, raw_headers)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14, $15, $16)
                  ON CONFLICT (dedup_key) WHERE replayed_at IS NULL DO UPDATE
                      SET deliveries = exactly.dead_letters.deliveries + 1, last_received_at = now()
                  RETURNING dead_letter_id, deliveries::bigint AS deliveries",
@@ -120,13 +234,13 @@ pub async fn store(database: &Database, event: &CloudEvent, quota: u64) -> Resul
             )
         }
         Database::Sqlite(pool) => {
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(not_stored)?;
             insert!(
                 tx,
                 "INSERT INTO exactly_dead_letters
                      (source, id, type, subject, time, datacontenttype, dataschema, extensions, data,
-                      error_code, error_data, error_dest, dedup_key, stored_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                      error_code, error_data, error_dest, dedup_key, stored_bytes, problem, raw_headers)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT (dedup_key) WHERE replayed_at IS NULL DO UPDATE
                      SET deliveries = deliveries + 1,
                          last_received_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
@@ -136,16 +250,19 @@ pub async fn store(database: &Database, event: &CloudEvent, quota: u64) -> Resul
         }
     };
     let (dead_letter_id, deliveries) = stored;
+    let (source, id, ty) = (&letter.source, &letter.id, &letter.ty);
+    let (code, dest) = (letter.code.as_deref().unwrap_or(""), letter.dest.as_deref().unwrap_or(""));
+    let kept = if letter.problem.is_some() { "raw" } else { "event" };
     if deliveries == 1 {
         tracing::info!(
-            source = %event.source, id = %event.id, r#type = %event.ty, code = code.as_deref().unwrap_or(""),
-            dest = dest.as_deref().unwrap_or(""), dead_letter_id, "dead letter stored"
+            source = %source, id = %id, r#type = %ty, code, dest, dead_letter_id, kept,
+            problem = letter.problem.as_deref().unwrap_or(""), "dead letter stored"
         );
         Ok(Stored::New(dead_letter_id))
     } else {
         tracing::info!(
-            source = %event.source, id = %event.id, r#type = %event.ty, code = code.as_deref().unwrap_or(""),
-            dead_letter_id, deliveries, "dead letter redelivered; already stored"
+            source = %source, id = %id, r#type = %ty, code, dead_letter_id, deliveries, kept,
+            "dead letter redelivered; already stored"
         );
         Ok(Stored::Redelivery(dead_letter_id))
     }
@@ -176,12 +293,13 @@ fn dedup_key(event: &CloudEvent, dest: Option<&str>) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-/// Every failure to store a dead letter is the database's, and retryable:
-/// losing a dead letter is not an option, so the dispatcher must try again.
-fn unavailable(error: sqlx::Error) -> Rejection {
+/// A failure to store a dead letter is never the sender's: it is
+/// answered 5xx so the dispatcher tries again, 503 when the database is
+/// unreachable or contended, 500 (a fault of `exactly`) otherwise.
+fn not_stored(error: sqlx::Error) -> Rejection {
     match classify(error) {
         rejection @ (Rejection::Busy(_) | Rejection::DatabaseUnavailable(_)) => rejection,
-        other => Rejection::DatabaseUnavailable(format!("the dead letter could not be stored: {other}")),
+        other => Rejection::Internal(format!("the dead letter could not be stored: {other}")),
     }
 }
 
@@ -207,8 +325,10 @@ mod tests {
     fn the_quota_counts_data_extensions_and_attributes_and_answers_503() {
         let dead = event(&[(ERROR_CODE, "500")]);
         let extensions = r#"{"knativeerrorcode":"500"}"#;
+        let letter = Letter::event(&dead, &http::HeaderMap::new(), b"{}");
+        assert_eq!(letter.problem(), None);
         // data "{}", the extensions' JSON, source, id, type, datacontenttype.
-        assert_eq!(stored_bytes(&dead, extensions), (2 + extensions.len() + 5 + 1 + 1 + 16) as u64);
+        assert_eq!(letter.stored_bytes(), (2 + extensions.len() + 5 + 1 + 1 + 16) as u64);
         let over = Rejection::DeadLetterQuota { size: 10, pending: 95, quota: 100 };
         assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE, "never a 4xx: the dispatcher would drop it");
         assert_eq!(over.code(), "dead-letter-quota");
@@ -224,5 +344,19 @@ mod tests {
         let mut other_payload = first.clone();
         other_payload.data = Some(b"{\"a\":1}".to_vec());
         assert_ne!(dedup_key(&first, None), dedup_key(&other_payload, None));
+    }
+
+    #[test]
+    fn an_event_with_a_nul_in_any_attribute_is_kept_raw() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("ce-subject", "a%00b".parse().unwrap());
+        let mut nul = event(&[]);
+        nul.subject = Some("a\0b".into());
+        let letter = Letter::event(&nul, &headers, b"{}");
+        assert!(letter.problem().is_some_and(|p| p.contains("subject")), "{letter:?}");
+        assert_eq!(letter.raw_headers.as_deref(), Some(&b"ce-subject: a%00b\r\n"[..]));
+        let mut in_extension = event(&[("traceparent", "x\0")]);
+        in_extension.subject = None;
+        assert!(Letter::event(&in_extension, &headers, b"{}").problem().is_some_and(|p| p.contains("traceparent")));
     }
 }

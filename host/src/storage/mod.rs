@@ -140,6 +140,7 @@ static HOST_MIGRATIONS_SQLITE: &[(&str, &str)] = &[
     ("0002_dead_letters.sql", include_str!("../../migrations/sqlite/0002_dead_letters.sql")),
     ("0003_table_owners.sql", include_str!("../../migrations/sqlite/0003_table_owners.sql")),
     ("0004_dead_letter_quota.sql", include_str!("../../migrations/sqlite/0004_dead_letter_quota.sql")),
+    ("0005_dead_letter_raw.sql", include_str!("../../migrations/sqlite/0005_dead_letter_raw.sql")),
 ];
 
 impl Database {

@@ -51,6 +51,7 @@ pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
     ("0004_dead_letter_quota.sql", include_str!("../../migrations/postgres/0004_dead_letter_quota.sql")),
     ("0005_claim_in_flight.sql", include_str!("../../migrations/postgres/0005_claim_in_flight.sql")),
     ("0006_claim_row.sql", include_str!("../../migrations/postgres/0006_claim_row.sql")),
+    ("0007_dead_letter_raw.sql", include_str!("../../migrations/postgres/0007_dead_letter_raw.sql")),
 ];
 
 /// The 32-byte key of `exactly.secret`. A proof for `(source, id)` is

@@ -1,0 +1,174 @@
+//! A dead letter kept as received.
+//!
+//! The sink stores every dead letter the dispatcher sends, valid CloudEvent
+//! or not: a 4xx makes the Knative dispatcher commit the offset, and the
+//! event is gone. What cannot be validated (a relative `dataschema` the
+//! Java SDK accepts, an attribute holding U+0000 after percent-decoding, a
+//! body that is not the JSON its Content-Type says, an encoding the sink
+//! does not decode) is kept whole: the headers that shape an event (`ce-*`,
+//! Content-Type, Content-Encoding), byte for byte, and the body as it came.
+//! `exactly dlq replay` sends exactly that back. Source, id and type are
+//! read as far as they can be, for `dlq list` to show; the dedup key is
+//! computed from the raw form, so a redelivery of the same request is one
+//! row.
+
+use percent_encoding::percent_decode;
+use sha2::{Digest, Sha256};
+
+use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
+
+/// What [`super::sink::Letter::raw`] stores of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raw {
+    /// Read from `ce-source` or the structured body's `source`; `""` when
+    /// the request has none. Control characters are escaped (`\u{0}`).
+    pub source: String,
+    pub id: String,
+    pub ty: String,
+    pub code: Option<String>,
+    pub error_data: Option<String>,
+    pub dest: Option<String>,
+    /// `name: value\r\n` per header, in the order received.
+    pub headers: Vec<u8>,
+    pub dedup_key: [u8; 32],
+}
+
+/// Whether a header shapes the event, so the raw form keeps it.
+pub fn keeps(name: &str) -> bool {
+    name.starts_with("ce-") || name == "content-type" || name == "content-encoding"
+}
+
+/// Knative's report about the failure: kept, but not part of the event.
+pub fn is_knative_report(name: &str) -> bool {
+    [ERROR_CODE, ERROR_DATA, ERROR_DEST].iter().any(|ext| name.strip_prefix("ce-") == Some(ext))
+}
+
+impl Raw {
+    pub fn of(headers: &http::HeaderMap, body: &[u8]) -> Raw {
+        let mut lines = Vec::new();
+        let mut hasher = Sha256::new();
+        hasher.update(b"raw dead letter\0");
+        for (name, value) in headers.iter().filter(|(name, _)| keeps(name.as_str())) {
+            let line = [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"].concat();
+            if !is_knative_report(name.as_str()) {
+                hasher.update((line.len() as u64).to_be_bytes());
+                hasher.update(&line);
+            }
+            lines.extend_from_slice(&line);
+        }
+        hasher.update((body.len() as u64).to_be_bytes());
+        hasher.update(body);
+        let header = |name: &str| {
+            headers.get(name).map(|value| printable(&percent_decode(value.as_bytes()).decode_utf8_lossy()))
+        };
+        let structured = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/cloudevents+json"));
+        let json = if structured { serde_json::from_slice::<serde_json::Value>(body).ok() } else { None };
+        let member = |name: &str| {
+            json.as_ref().and_then(|json| json.get(name)).map(|value| match value {
+                serde_json::Value::String(text) => printable(text),
+                other => printable(&other.to_string()),
+            })
+        };
+        let attribute = |name: &str| header(&format!("ce-{name}")).or_else(|| member(name));
+        let dest = attribute(ERROR_DEST);
+        match &dest {
+            None => hasher.update([0u8]),
+            Some(dest) => {
+                hasher.update([1u8]);
+                hasher.update(dest.as_bytes());
+            }
+        }
+        Raw {
+            source: attribute("source").unwrap_or_default(),
+            id: attribute("id").unwrap_or_default(),
+            ty: attribute("type").unwrap_or_default(),
+            code: attribute(ERROR_CODE),
+            error_data: attribute(ERROR_DATA),
+            dest,
+            headers: lines,
+            dedup_key: hasher.finalize().into(),
+        }
+    }
+}
+
+/// Text any column can hold: control characters (U+0000 among them)
+/// escaped as `\u{…}`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() })
+        .collect()
+}
+
+/// The raw form's headers back as `(name, value)` pairs, for a replay.
+/// `None` when the stored bytes are not lines of that form.
+pub fn header_lines(raw: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let mut headers = Vec::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let line = &rest[..end];
+        let colon = line.windows(2).position(|w| w == b": ")?;
+        headers.push((&line[..colon], &line[colon + 2..]));
+        rest = &rest[end + 2..];
+    }
+    Some(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn keeps_the_event_headers_byte_for_byte_and_reads_the_identity() {
+        let request = headers(&[
+            ("ce-id", "a%00b"),
+            ("ce-source", "urn:s"),
+            ("host", "x"),
+            ("content-type", "application/json"),
+            ("ce-knativeerrorcode", "500"),
+        ]);
+        let raw = Raw::of(&request, b"{}");
+        assert_eq!(raw.id, "a\\u{0}b");
+        assert_eq!(raw.source, "urn:s");
+        assert_eq!(raw.ty, "");
+        assert_eq!(raw.code.as_deref(), Some("500"));
+        let lines = header_lines(&raw.headers).unwrap();
+        let names: Vec<&[u8]> = lines.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, [&b"ce-id"[..], b"ce-source", b"content-type", b"ce-knativeerrorcode"]);
+        assert_eq!(lines[0].1, b"a%00b");
+    }
+
+    #[test]
+    fn structured_bodies_give_their_identity_and_the_key_ignores_knatives_report() {
+        let ct = [("content-type", "application/cloudevents+json; charset=utf-8")];
+        let raw = Raw::of(&headers(&ct), br#"{"id":"1","source":"urn:s","type":"t","dataschema":"/rel"}"#);
+        assert_eq!((raw.id.as_str(), raw.source.as_str(), raw.ty.as_str()), ("1", "urn:s", "t"));
+        let first = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrorcode", "500")]), b"x");
+        let again = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrorcode", "503")]), b"x");
+        assert_eq!(first.dedup_key, again.dedup_key);
+        let other = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrorcode", "500")]), b"y");
+        assert_ne!(first.dedup_key, other.dedup_key);
+        let elsewhere = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrordest", "http://b")]), b"x");
+        assert_ne!(first.dedup_key, elsewhere.dedup_key);
+        assert_eq!(Raw::of(&headers(&[]), b"{not json").id, "");
+    }
+
+    #[test]
+    fn header_lines_refuse_what_is_not_lines() {
+        assert_eq!(header_lines(b""), Some(vec![]));
+        assert_eq!(header_lines(b"a: b\r\n"), Some(vec![(&b"a"[..], &b"b"[..])]));
+        assert_eq!(header_lines(b"a: b"), None);
+        assert_eq!(header_lines(b"ab\r\n"), None);
+    }
+}
