@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::bindings::exactly::handler::types::HandlerError;
-use crate::tx::DbError;
+use crate::tx::{DbError, DbErrorKind};
 
 /// Why a handler did not process an event.
 ///
@@ -85,20 +85,30 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// A failed statement becomes a *retryable* error, so `?` on a [`Tx`] call
-/// does the safe thing by default.
+/// A failed statement becomes a *permanent* error when a later delivery
+/// cannot succeed either ([`DbError::retry_can_help`]: data exceptions,
+/// not-null and check violations, conversions, refusals), and a
+/// *retryable* one otherwise (a unique or foreign-key conflict another
+/// transaction may resolve, anything else the database reported), so `?`
+/// on a [`Tx`] call does the right thing by default.
 ///
 /// Whatever the handler returns, the host already knows a statement failed:
 /// after any failed statement the event's transaction is doomed and nothing
 /// commits, and after a statement the host *refused* (transaction control,
 /// DDL, several statements in one call, ...) the event always fails
 /// permanently (422), because running it again would be refused again.
-/// Return [`Error::permanent`] yourself when you know a failure is
-/// deterministic, e.g. a constraint your data can never satisfy.
+/// Return [`Error::permanent`] or [`Error::retryable`] yourself when you
+/// know better.
 ///
 /// [`Tx`]: crate::Tx
 impl From<DbError> for Error {
     fn from(error: DbError) -> Self {
-        Error::retryable(format!("database statement failed: {error}"))
+        match (error.retry_can_help(), error.kind()) {
+            (_, DbErrorKind::Conversion) => Error::permanent(format!(
+                "a value could not be converted (the handler's reading of it, or the data, is wrong): {error}"
+            )),
+            (true, _) => Error::retryable(format!("database statement failed: {error}")),
+            (false, _) => Error::permanent(format!("database statement failed, and would again: {error}")),
+        }
     }
 }

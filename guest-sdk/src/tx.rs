@@ -162,6 +162,42 @@ impl DbError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// Whether a later delivery of the same event can succeed where this
+    /// statement failed; what `?` on a `DbError` turns into a retryable
+    /// rather than a permanent [`Error`](crate::Error).
+    ///
+    /// | error | a retry can help? |
+    /// |---|---|
+    /// | [`DbErrorKind::Refused`] | no: the host refuses it every time |
+    /// | [`DbErrorKind::Conversion`] | no: the value or the handler's reading of it is wrong |
+    /// | a data exception: PostgreSQL SQLSTATE class `22` (a NUL in text, a value out of range, invalid input) | no |
+    /// | an integrity violation: not-null (`23502`, SQLite `1299`), check (`23514`, SQLite `275`), other class `23` and SQLite `CONSTRAINT` codes, SQLite `MISMATCH` (`20`), `TOOBIG` (`18`), `RANGE` (`25`) | no |
+    /// | unique (`23505`, SQLite `2067`/`1555`), exclusion (`23P01`), foreign key (`23503`, SQLite `787`) | **yes**: a concurrent insert, or a parent row that arrives later, changes the outcome |
+    /// | anything else the database reported (syntax, an unknown column, …) | yes (retried, then dead-lettered) |
+    ///
+    /// The codes are the ones [`DbError::code`] carries: a SQLSTATE is
+    /// always five characters, an SQLite extended result code at most four
+    /// digits, so the two never mix. Errors that are the database's trouble
+    /// (unreachable, contended) and sandbox limits never reach this choice:
+    /// the host answers those itself (503, 500) whatever the handler does.
+    pub fn retry_can_help(&self) -> bool {
+        match self.kind {
+            DbErrorKind::Refused | DbErrorKind::Conversion => false,
+            DbErrorKind::ConstraintViolation | DbErrorKind::Failed => match self.code.as_deref() {
+                Some(sqlstate) if sqlstate.len() == 5 => match sqlstate {
+                    "23505" | "23P01" | "23503" => true,
+                    _ => !(sqlstate.starts_with("22") || sqlstate.starts_with("23")),
+                },
+                Some(sqlite) => match sqlite.parse::<u32>() {
+                    Ok(2067 | 1555 | 787) => true,
+                    Ok(code) => !matches!(code & 0xff, 19 | 20 | 18 | 25),
+                    Err(_) => true,
+                },
+                None => true,
+            },
+        }
+    }
 }
 
 impl fmt::Display for DbError {
@@ -180,3 +216,42 @@ impl fmt::Display for DbError {
 }
 
 impl std::error::Error for DbError {}
+
+#[cfg(test)]
+mod tests {
+    use super::{DbError, DbErrorKind};
+
+    fn error(kind: DbErrorKind, code: &str) -> DbError {
+        DbError {
+            kind,
+            code: Some(code.to_owned()),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn data_errors_cannot_be_cured_by_a_retry_conflicts_can() {
+        use DbErrorKind::{ConstraintViolation as Constraint, Failed};
+        let cases = [
+            (error(Failed, "22021"), false),       // NUL in text (PostgreSQL)
+            (error(Failed, "22003"), false),       // numeric out of range
+            (error(Constraint, "23502"), false),   // not null
+            (error(Constraint, "23514"), false),   // check
+            (error(Constraint, "1299"), false),    // SQLite NOTNULL
+            (error(Constraint, "275"), false),     // SQLite CHECK
+            (error(Failed, "20"), false),          // SQLite MISMATCH
+            (error(Constraint, "23505"), true),    // unique
+            (error(Constraint, "23503"), true),    // foreign key
+            (error(Constraint, "2067"), true),     // SQLite UNIQUE
+            (error(Constraint, "1555"), true),     // SQLite PRIMARYKEY
+            (error(Failed, "42601"), true),        // syntax: retried
+            (error(Failed, "1"), true),            // SQLite ERROR
+            (error(DbErrorKind::Refused, "42501"), false),
+            (DbError::conversion("wrong type"), false),
+        ];
+        for (error, retry) in cases {
+            assert_eq!(error.retry_can_help(), retry, "{error}");
+            assert_eq!(crate::Error::from(error.clone()).is_permanent(), !retry, "{error}");
+        }
+    }
+}

@@ -21,7 +21,7 @@ use sqlx::{Column, Postgres, Row, Sqlite, TypeInfo, ValueRef};
 
 pub use crate::runtime::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
 use crate::answer::{LimitKind, Rejection};
-use crate::storage::{is_contention, is_unavailable};
+use crate::storage::ErrorClass;
 
 pub enum StatementOutput {
     Rows(Rows),
@@ -64,17 +64,16 @@ impl StatementError {
                     _ => DbErrorKind::Failed,
                 };
                 let message = db.message().to_owned();
-                let (kind, blame) = match code.as_deref().unwrap_or_default() {
-                    // statement_timeout: the handler's statement ran too long.
-                    "57014" => (kind, Blame::Limit(LimitKind::StatementTimeout)),
-                    // SQLITE_INTERRUPT: the event's deadline interrupted it.
-                    "9" => (kind, Blame::Limit(LimitKind::StatementTimeout)),
+                let (kind, blame) = match ErrorClass::of_database(db.as_ref()) {
+                    // statement_timeout, or SQLITE_INTERRUPT at the event's
+                    // deadline: the handler's statement ran too long.
+                    ErrorClass::Timeout => (kind, Blame::Limit(LimitKind::StatementTimeout)),
                     // insufficient_privilege: the per-handler role's wall;
                     // SQLITE_AUTH: SQLite's authorizer (storage::sqlite_guard).
-                    "42501" | "23" => (DbErrorKind::Refused, Blame::Refused),
-                    code if is_contention(code) => (kind, Blame::Host(Rejection::Busy(message.clone()))),
-                    code if is_unavailable(code) => (kind, Blame::Host(Rejection::DatabaseUnavailable(message.clone()))),
-                    _ => (kind, Blame::Handler),
+                    ErrorClass::Privilege => (DbErrorKind::Refused, Blame::Refused),
+                    ErrorClass::Contention => (kind, Blame::Host(Rejection::Busy(message.clone()))),
+                    ErrorClass::Unavailable => (kind, Blame::Host(Rejection::DatabaseUnavailable(message.clone()))),
+                    ErrorClass::Data | ErrorClass::Conflict | ErrorClass::Other => (kind, Blame::Handler),
                 };
                 StatementError { error: DbError { kind, code, message }, blame }
             }

@@ -192,6 +192,8 @@ pub fn standard_handlers() -> Vec<HandlerEntry> {
                 "test.sleep",
                 "test.echo",
                 "test.bad-reply",
+                "test.insert",
+                "test.read-as-integer",
             ],
         ),
     ]

@@ -24,8 +24,11 @@ use crate::convert::{self, Rows, StatementError, StatementOutput, Value};
 use crate::decode::CloudEvent;
 use crate::manifest::Manifest;
 
+pub mod class;
 pub mod postgres;
 pub mod sqlite_guard;
+
+pub use class::ErrorClass;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -842,61 +845,37 @@ where
     Ok(StatementOutput::Rows(Rows { columns: columns.unwrap_or_default(), rows }))
 }
 
-/// Maps a database error on the host's own statements to its answer:
-/// contention and outages are retryable (503), anything else is ours (500).
+/// Maps a database error on the host's own statements to its answer, by
+/// [`ErrorClass`]: the database unreachable (503 `database-unavailable`) or
+/// contended (503 `busy`) can be retried; anything else is ours (500).
 pub fn classify(error: sqlx::Error) -> Rejection {
-    match &error {
-        sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            if is_contention(&code) {
-                Rejection::Busy(db.message().to_owned())
-            } else if is_unavailable(&code) {
-                Rejection::DatabaseUnavailable(db.message().to_owned())
-            } else {
-                Rejection::Internal(format!("database error {code}: {}", db.message()))
+    let class = ErrorClass::of(&error);
+    let message = match &error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::PoolTimedOut => format!("no database connection became free within {ACQUIRE_TIMEOUT:?}"),
+        other => other.to_string(),
+    };
+    match class {
+        ErrorClass::Unavailable => Rejection::DatabaseUnavailable(message),
+        ErrorClass::Contention | ErrorClass::Timeout => Rejection::Busy(message),
+        _ => match &error {
+            sqlx::Error::Database(db) => {
+                Rejection::Internal(format!("database error {}: {message}", db.code().unwrap_or_default()))
             }
-        }
-        sqlx::Error::PoolTimedOut => {
-            Rejection::DatabaseUnavailable(format!("no database connection became free within {ACQUIRE_TIMEOUT:?}"))
-        }
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
-            Rejection::DatabaseUnavailable(error.to_string())
-        }
-        _ => Rejection::Internal(error.to_string()),
+            _ => Rejection::Internal(message),
+        },
     }
 }
 
 /// Whether a start-up failure is the database being out of reach (down,
 /// restarting, refusing connections, the database or its role not created
-/// yet) rather than a mistake waiting cannot cure: a malformed URL, a
-/// migration that fails, a changed migration file.
+/// yet: [`ErrorClass::is_transient`]) rather than a mistake waiting cannot
+/// cure: a malformed URL, a migration that fails (a missing privilege
+/// `42501` among them), a changed migration file.
 pub fn is_transient(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(db)) => {
-            let code = db.code().unwrap_or_default();
-            is_unavailable(&code) || is_contention(&code)
-        }
-        Some(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed) => true,
-        _ => false,
-    })
-}
-
-/// Lock and serialization conflicts, statement timeouts (PostgreSQL), and
-/// SQLITE_BUSY / SQLITE_LOCKED with their extended codes.
-/// A PostgreSQL SQLSTATE is always five characters (some are all digits,
-/// such as `42501`); SQLite's extended result codes, which sqlx reports in
-/// decimal, have at most four digits, so the two never mix.
-pub fn is_contention(code: &str) -> bool {
-    if code.len() == 5 {
-        matches!(code, "55P03" | "40001" | "40P01" | "57014")
-    } else {
-        code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
-    }
-}
-
-/// The server is going away or refuses connections.
-pub fn is_unavailable(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "3D000" | "28P01" | "28000")
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<sqlx::Error>().is_some_and(|error| ErrorClass::of(error).is_transient()))
 }
 
 /// Hides the password of a database URL in messages.
@@ -924,17 +903,4 @@ mod tests {
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
     }
 
-    #[test]
-    fn contention_codes() {
-        assert!(is_contention("55P03"));
-        assert!(is_contention("5"));
-        assert!(is_contention("517"));
-        assert!(!is_contention("23505"));
-        assert!(!is_contention("19"));
-        // All-digit SQLSTATEs are not SQLite codes: 42501 is 0xA605, whose
-        // low byte reads as SQLITE_BUSY.
-        assert!(!is_contention("42501"));
-        assert!(!is_contention("22012"));
-        assert!(is_contention("40001"));
-    }
 }

@@ -17,6 +17,8 @@
 //! | `test.emit` | Ok with a `test.emitted` reply echoing the data |
 //! | `test.sleep` | sleeps `{"ms": N}` milliseconds, then Ok |
 //! | `test.echo` | Ok with the data as the result |
+//! | `test.insert` | inserts `{"k", "n", "note"}` (data) into `test_checked` with `?` |
+//! | `test.read-as-integer` | reads `test_checked.note` of `{"k"}` as an integer with `?` |
 //! | anything else | permanent error naming the type |
 
 use exactly_guest::{Error, Event, Outcome, Reply, Tx, log, params};
@@ -85,6 +87,31 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
             let sleep: Sleep = event.data_json()?;
             std::thread::sleep(std::time::Duration::from_millis(sleep.ms));
             Ok(ran())
+        }
+        "test.insert" => {
+            #[derive(Deserialize)]
+            struct Insert {
+                k: String,
+                n: Option<i64>,
+                note: Option<String>,
+            }
+            let row: Insert = event.data_json()?;
+            tx.execute(
+                "INSERT INTO test_checked (k, n, note) VALUES ($1, $2, $3)",
+                params![row.k, row.n, row.note],
+            )?;
+            Ok(ran())
+        }
+        "test.read-as-integer" => {
+            #[derive(Deserialize)]
+            struct Read {
+                k: String,
+            }
+            let read: Read = event.data_json()?;
+            let rows = tx.query("SELECT note FROM test_checked WHERE k = $1", params![read.k])?;
+            let row = rows.get(0).ok_or_else(|| Error::permanent("no such row"))?;
+            let note: i64 = row.get("note")?;
+            Ok(Outcome::json(json!({ "note": note })))
         }
         // A reply without a type: the host must refuse the outcome.
         "test.bad-reply" => Ok(ran().with_reply(Reply::new(""))),

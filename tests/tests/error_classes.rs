@@ -1,0 +1,100 @@
+//! Issue 10, faults 2 and 4: database errors are classified by the
+//! database's own codes (PostgreSQL SQLSTATE classes, SQLite primary result
+//! codes), and the answer follows from one question: can a retry help?
+//!
+//! A handler's statement error that a later delivery cannot cure (a data
+//! exception, a not-null or check violation, a value read with the wrong
+//! type) is permanent through `?` (422, dead-lettered at once); a unique
+//! violation stays retryable (500). The host's start-up stops on an error
+//! waiting cannot cure (a missing privilege) instead of waiting forever.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use exactly_e2e::app::exactly_binary;
+use exactly_e2e::{Backend, Event, TestApp, TestEnv, both_backends, json};
+
+both_backends!(data_errors_are_permanent_and_conflicts_retryable);
+
+async fn data_errors_are_permanent_and_conflicts_retryable(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let insert = |data: serde_json::Value| Event::new("test.insert").with_data(data);
+
+    let first = insert(json!({"k": "a", "n": 1, "note": "text"}));
+    app.send_binary(&first).await.assert_accepted();
+
+    // Not null and check: the same event fails the same way every time.
+    for data in [json!({"k": "b", "n": null}), json!({"k": "c", "n": -1})] {
+        let event = insert(data);
+        let body = app.send_binary(&event).await.assert_error(422, "permanent");
+        assert!(body.message.contains("would again"), "{}", body.message);
+        assert_eq!(app.effects(&event).await, 0, "nothing of a failed event commits");
+        assert!(app.processed_event(&event).await.is_none());
+    }
+
+    // A unique violation: another delivery may find it resolved.
+    let duplicate = insert(json!({"k": "a", "n": 2}));
+    app.send_binary(&duplicate).await.assert_error(500, "retryable");
+
+    // Text with U+0000: PostgreSQL cannot store it (SQLSTATE 22021, a data
+    // exception: permanent, not the database's trouble); SQLite can.
+    let nul = insert(json!({"k": "d", "n": 1, "note": "x\u{0}y"}));
+    let answer = app.send_binary(&nul).await;
+    match backend {
+        Backend::Postgres => {
+            let body = answer.assert_error(422, "permanent");
+            assert!(body.message.contains("22021"), "{}", body.message);
+        }
+        Backend::Sqlite => answer.assert_accepted(),
+    }
+
+    // A column read with the wrong type: no statement failed, the handler
+    // reads it wrong. Permanent, and said so.
+    let read = Event::new("test.read-as-integer").with_data(json!({"k": "a"}));
+    let body = app.send_binary(&read).await.assert_error(422, "permanent");
+    assert!(
+        body.message.contains("could not be converted") && !body.message.contains("database statement failed"),
+        "{}",
+        body.message
+    );
+    assert_eq!(app.effects(&read).await, 0);
+}
+
+/// A missing privilege at start-up (the operator's role may not create the
+/// host's schema, SQLSTATE 42501) stops `exactly migrate` with the
+/// database's own words; it is not an outage to wait out.
+#[tokio::test]
+async fn a_missing_privilege_stops_start_up_with_the_real_error() {
+    let env = TestEnv::new(Backend::Postgres).await;
+    let db = env.connect().await;
+    let role = db
+        .text(
+            "SELECT 'exactly_' || left(encode(sha256(convert_to(current_database(), 'UTF8')), 'hex'), 8) || '_noprivilege'",
+            &[],
+        )
+        .await
+        .expect("a role name");
+    db.execute(&format!("CREATE ROLE {role} LOGIN"), &[]).await;
+    let url = env.database_url();
+    let scheme_end = url.find("://").expect("a URL") + 3;
+    let userinfo_end = url[scheme_end..].find('@').map(|at| scheme_end + at + 1).unwrap_or(scheme_end);
+    let as_role = format!("{}{role}@{}", &url[..scheme_end], &url[userinfo_end..]);
+
+    let started = std::time::Instant::now();
+    let run = tokio::process::Command::new(exactly_binary())
+        .args(["migrate", "--database-url", &as_role, "--handlers"])
+        .arg(env.manifest())
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("exactly migrate must stop, not wait for the database forever")
+        .expect("run exactly migrate");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(!stderr.contains("not reachable"), "not an outage: {stderr}");
+    eprintln!("stopped after {:?}", started.elapsed());
+}
