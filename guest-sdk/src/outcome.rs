@@ -117,8 +117,11 @@ impl Reply {
         self
     }
 
-    /// Adds an extension attribute. CloudEvents wants names of at most 20
-    /// lower-case letters and digits; the host refuses others (422).
+    /// Adds an extension attribute. The host refuses (422 `bad-outcome`) a
+    /// name that is not lower-case ASCII letters and digits, or that is a
+    /// CloudEvents context attribute (`id`, `source`, `type`, …). It does
+    /// not check the length: CloudEvents only advises names of at most 20
+    /// characters, so keep to that for other consumers.
     pub fn extension(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.extensions.push((name.into(), value.into()));
         self

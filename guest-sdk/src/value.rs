@@ -9,9 +9,13 @@ impl Value {
     /// An exact decimal, as text: `Value::numeric("12.30")`.
     ///
     /// Use it for money and other `numeric` columns so no digit is lost to
-    /// floating point on the way. The host binds it as `numeric` on
-    /// PostgreSQL and as a number on SQLite; the database rejects text that
-    /// is not a number (a failed statement).
+    /// floating point on the way. The host checks that the text is a
+    /// decimal number of at most 1,000 characters, then binds it as
+    /// `numeric` on PostgreSQL and as that text on SQLite (where a column
+    /// of NUMERIC affinity stores it as a number). Text that is not a
+    /// decimal number is a conversion error before the statement runs
+    /// ([`DbErrorKind::Conversion`](crate::DbErrorKind::Conversion)), and
+    /// it dooms the event's transaction like a failed statement.
     pub fn numeric(decimal: impl Into<String>) -> Self {
         Value::Numeric(decimal.into())
     }
