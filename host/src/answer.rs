@@ -115,6 +115,14 @@ impl Rejection {
         }
     }
 
+    /// Whether the answer closes the connection: a body over a limit or
+    /// too slow to arrive may not have been read to its end, so the
+    /// connection cannot carry another request. Every limit the same way,
+    /// the global `--max-body-bytes` and a handler's `max_body_bytes`.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Rejection::PayloadTooLarge(_) | Rejection::RequestTimeout(_))
+    }
+
     pub fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -122,6 +130,9 @@ impl Rejection {
         let headers = response.headers_mut();
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if self.closes_connection() {
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

@@ -216,13 +216,36 @@ fn prepare_answer(handler: &LoadedHandler, event: &CloudEvent, outcome: Outcome)
     // Before the result is parsed or the reply built: a handler could
     // otherwise have the host store and replay an outcome of any size.
     check_outcome_size(&outcome, handler.limits.max_reply_bytes).map_err(bad)?;
-    serde_json::from_str::<serde::de::IgnoredAny>(&outcome.result)
-        .map_err(|e| bad(format!("the result is not JSON: {e}")))?;
+    check_result(&outcome.result).map_err(bad)?;
     let answer = match outcome.reply {
         None => Committed { status: 202, reply: None },
         Some(reply) => Committed { status: 200, reply: Some(reply_event(handler, event, reply).map_err(bad)?) },
     };
     Ok((answer, outcome.result))
+}
+
+/// The result is JSON that both backends store as it is: PostgreSQL's
+/// `jsonb` cannot hold U+0000 in a string, so such a result is the
+/// handler's bad outcome (422) on either backend, not a failed store (500).
+fn check_result(result: &str) -> Result<(), String> {
+    let json: serde_json::Value = serde_json::from_str(result).map_err(|e| format!("the result is not JSON: {e}"))?;
+    let mut pending = vec![&json];
+    while let Some(value) = pending.pop() {
+        match value {
+            serde_json::Value::String(text) if text.contains('\0') => {
+                return Err("the result holds U+0000 in a string, which no stored result may (PostgreSQL's jsonb cannot)".into());
+            }
+            serde_json::Value::Array(items) => pending.extend(items),
+            serde_json::Value::Object(members) => {
+                if members.keys().any(|key| key.contains('\0')) {
+                    return Err("the result holds U+0000 in a member name, which no stored result may (PostgreSQL's jsonb cannot)".into());
+                }
+                pending.extend(members.values());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of an outcome as the host stores and answers it: the JSON
@@ -309,6 +332,15 @@ mod tests {
             extensions: vec![("ext".into(), "v".repeat(10))],
             data: Some(vec![b'x'; data]),
         }
+    }
+
+    #[test]
+    fn results_are_json_every_backend_can_store() {
+        assert!(check_result(r#"{"a": [1, "x", {"b": null}]}"#).is_ok());
+        assert!(check_result(r#"{"a": ["x\u0000"]}"#).unwrap_err().contains("U+0000"));
+        assert!(check_result(r#"{"a\u0000": 1}"#).unwrap_err().contains("member name"));
+        assert!(check_result("{").unwrap_err().contains("not JSON"));
+        assert!(check_result("1e400").unwrap_err().contains("not JSON"), "beyond a double: jsonb-safe or refused");
     }
 
     #[test]

@@ -10,6 +10,7 @@ both_backends!(
     body_over_the_limit_is_rejected,
     identity_longer_than_the_limit_is_rejected_and_dead_lettered,
     a_handlers_own_body_limit_is_kept,
+    a_result_jsonb_cannot_hold_is_a_bad_outcome,
 );
 
 async fn missing_required_attribute_is_rejected(backend: Backend) {
@@ -127,10 +128,27 @@ async fn a_handlers_own_body_limit_is_kept(backend: Backend) {
     let padding = "x".repeat(600);
     let large = Event::new("hostile.sql").with_data(json!({ "statements": [], "result_from": null, "padding": padding }));
     assert!(large.data_bytes().len() > 512);
-    app.send_binary(&large).await.assert_error(413, "payload-too-large");
+    let refused = app.send_binary(&large).await;
+    refused.assert_error(413, "payload-too-large");
+    // Issue 10 item 3: one variant, one answer: the handler's limit closes
+    // the connection as the global one does.
+    assert_eq!(refused.header("connection"), Some("close"), "{refused}");
     assert_eq!(app.processed_event(&large).await, None);
     let other = Event::new("test.echo").with_data(json!({ "padding": padding }));
     app.send_binary(&other).await.assert_processed();
     let small = Event::new("hostile.sql").with_data(json!({ "statements": [], "result_from": null }));
     app.send_binary(&small).await.assert_processed();
+}
+
+/// Issue 10 item 3: a handler result holding U+0000 (`\u0000` in a JSON
+/// string) cannot be stored by PostgreSQL's jsonb; it was answered 500
+/// `internal` there and stored on SQLite. It is the handler's outcome that
+/// is wrong: 422 `bad-outcome` on both backends, nothing committed.
+async fn a_result_jsonb_cannot_hold_is_a_bad_outcome(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.echo").with_data(json!({ "text": "a\u{0}b" }));
+    let body = app.send_binary(&event).await.assert_error(422, "bad-outcome");
+    assert!(body.message.contains("U+0000"), "{}", body.message);
+    assert_eq!(app.processed_event(&event).await, None);
+    assert_eq!(app.effects(&event).await, 0);
 }
