@@ -7,7 +7,8 @@
 //! `outcome`. The rest say where an event's time went (handler, database),
 //! how many are in flight, why events were refused, which sandbox limits
 //! were hit, how old the oldest dedup record is (retention) and how each
-//! handler was loaded (precompiled or compiled).
+//! handler was loaded (precompiled or compiled) and how its instances are
+//! allocated (the pool, or on demand when the pool did not fit).
 //!
 //! The event path stays lean: every family is registered once at start-up,
 //! and the counters of the manifest's event types are resolved then too (so
@@ -134,6 +135,7 @@ pub struct Metrics {
     oldest_age: Gauge<f64, AtomicU64>,
     expired: Counter,
     handler_load: Family<Labels<2>, Gauge<f64, AtomicU64>>,
+    instance_allocation: Family<Labels<1>, Gauge>,
 }
 
 /// Event latencies: 0.25 ms to about 16 s.
@@ -238,6 +240,12 @@ impl Metrics {
             "Time it took to load each handler's component at start-up, and whether it came precompiled or was compiled",
             handler_load.clone(),
         );
+        let instance_allocation = Family::<Labels<1>, Gauge>::default();
+        registry.register(
+            "handler_instance_allocation",
+            "How handler instances are allocated: 1 for the strategy in use, pooling (address space reserved at start-up) or on-demand (the pool's address space could not be reserved; see the start-up log)",
+            instance_allocation.clone(),
+        );
 
         let series_of = |ty: Cow<'static, str>| TypeSeries {
             processed: Outcome::ALL.map(|outcome| processed.get_or_create_owned(&type_outcome(ty.clone(), outcome))),
@@ -279,6 +287,7 @@ impl Metrics {
             oldest_age,
             expired,
             handler_load,
+            instance_allocation,
         }
     }
 
@@ -368,6 +377,12 @@ impl Metrics {
     pub fn handler_loaded(&self, handler: &str, from: LoadedFrom, took: Duration) {
         let labels: Labels<2> = [("handler", Cow::Owned(handler.to_owned())), ("from", Cow::Borrowed(from.label()))];
         self.handler_load.get_or_create(&labels).set(took.as_secs_f64());
+    }
+
+    /// How the runtime allocates handler instances, decided at start-up.
+    pub fn instance_allocation(&self, allocation: crate::runtime::InstanceAllocation) {
+        let labels: Labels<1> = [("strategy", Cow::Borrowed(allocation.label()))];
+        self.instance_allocation.get_or_create(&labels).set(1);
     }
 }
 

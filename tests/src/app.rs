@@ -432,10 +432,34 @@ impl TestEnv {
 
     /// [`TestEnv::serve_with_flags`] with extra environment variables.
     pub async fn serve_with_env(self, flags: &[&str], env: &[(&str, &str)]) -> TestApp {
+        self.start_serve(flags, env, None).await
+    }
+
+    /// [`TestEnv::serve_with_env`] in a process whose virtual memory is
+    /// capped at `bytes`: its `RLIMIT_AS`, what `ulimit -v` and some
+    /// container runtimes set.
+    pub async fn serve_with_virtual_memory_limit(
+        self,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        bytes: u64,
+    ) -> TestApp {
+        self.start_serve(flags, env, Some(bytes)).await
+    }
+
+    async fn start_serve(
+        self,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        virtual_memory_limit: Option<u64>,
+    ) -> TestApp {
         let stderr_path = self.dir.path().join("exactly.stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create the stderr log");
         let mut command = self.exactly();
         command.envs(env.iter().copied());
+        if let Some(bytes) = virtual_memory_limit {
+            limit_virtual_memory(&mut command, bytes);
+        }
         command
             .arg("serve")
             .arg("--listen")
@@ -498,6 +522,26 @@ impl TestEnv {
             child,
             env: self,
         }
+    }
+}
+
+/// Caps the virtual memory of the process `command` starts at `bytes`
+/// (`setrlimit(RLIMIT_AS)` in the child, between fork and exec).
+fn limit_virtual_memory(command: &mut Command, bytes: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setrlimit, which is async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }
 

@@ -191,7 +191,8 @@ impl Runtime {
         metrics: &Metrics,
     ) -> anyhow::Result<Runtime> {
         let resolved = resolve_limits(manifest, &defaults)?;
-        let engine = Engine::new(&engine_config(&defaults, &resolved))?;
+        let (engine, allocation) = build_engine(&defaults, &resolved)?;
+        metrics.instance_allocation(allocation);
 
         let mut linker: Linker<EventState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -396,12 +397,16 @@ fn resolve_limits<'m>(manifest: &'m Manifest, defaults: &Limits) -> anyhow::Resu
         .collect()
 }
 
-/// The engine handlers run in, as `serve` builds it for `manifest` and
-/// `defaults`. `exactly compile` uses this very function: code compiled
-/// ahead of time only loads into an engine with identical settings.
+/// The engine `exactly compile` compiles with, for `manifest` and
+/// `defaults`. Code compiled ahead of time only loads into an engine with
+/// identical settings: this one has every setting [`Runtime::new`]'s engine
+/// has except the allocation strategy, which code does not depend on (a
+/// unit test checks that the fingerprints agree), so compiling reserves no
+/// instance pool.
 pub fn engine(manifest: &Manifest, defaults: &Limits) -> anyhow::Result<Engine> {
     let resolved = resolve_limits(manifest, defaults)?;
-    Ok(Engine::new(&engine_config(defaults, &resolved))?)
+    let plan = EnginePlan::new(defaults, &resolved);
+    Ok(Engine::new(&plan.config(InstanceAllocation::OnDemand))?)
 }
 
 /// Bytes of each freed linear memory and table zeroed in place rather than
@@ -410,47 +415,225 @@ const KEEP_RESIDENT_MEMORY: usize = 128 << 10;
 const KEEP_RESIDENT_TABLE: usize = 64 << 10;
 const DECOMMIT_BATCH: usize = 16;
 
-/// The engine: epoch interruption for deadlines, fuel when some handler asks
-/// for it, and a pooling instance allocator so a fresh instance per event
-/// costs a few microseconds (its memory slots are reserved once and reused).
-fn engine_config(defaults: &Limits, handlers: &[(&HandlerSpec, HandlerLimits)]) -> Config {
-    // Each handler has sessions of its own (`--db-max-connections` on
-    // PostgreSQL), so each may run that many events at once: slots for all
-    // of them, so that no handler's runs can take another's instances.
-    let handler_count = u32::try_from(handlers.len().max(1)).unwrap_or(u32::MAX);
-    let slots = defaults.concurrent_runs.saturating_mul(handler_count).saturating_add(4);
-    let largest_memory = handlers
-        .iter()
-        .map(|(_, limits)| limits.memory_bytes)
-        .chain([defaults.memory_bytes])
-        .max()
-        .unwrap_or(defaults.memory_bytes);
-    let mut pooling = PoolingAllocationConfig::new();
-    pooling
-        .total_component_instances(slots)
-        // A Rust component holds a few core instances (the program and the
-        // adapter shims), one memory and a few tables.
-        .total_core_instances(slots.saturating_mul(8))
-        .total_memories(slots.saturating_mul(2))
-        .total_tables(slots.saturating_mul(8))
-        .total_stacks(slots)
-        .max_memory_size(usize::try_from(largest_memory).unwrap_or(usize::MAX))
-        // Every event frees an instance. Resetting its memory with madvise
-        // costs a TLB shootdown across the process's threads each time (the
-        // profile's largest kernel item under load). Zero the first 128 KiB
-        // with memset instead and decommit the rest in batches: measured
-        // with bench/run, 22% less CPU per event than madvise alone (a
-        // whole MiB of memset cost more than it saved).
-        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
-        .table_keep_resident(KEEP_RESIDENT_TABLE)
-        .decommit_batch_size(DECOMMIT_BATCH);
-    let mut config = Config::new();
-    config
-        .wasm_component_model(true)
-        .epoch_interruption(true)
-        .consume_fuel(handlers.iter().any(|(_, limits)| limits.fuel.is_some()))
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
-    config
+/// A wasm page; a linear memory's size is a multiple of it.
+const WASM_PAGE: u64 = 64 << 10;
+/// The most a 32-bit linear memory can hold.
+const WASM32_MEMORY_MAX: u64 = 4 << 30;
+/// The inaccessible region after each linear memory. The bounds checks do
+/// not rely on it (see [`EnginePlan`]); it is a safety margin that turns
+/// a stray access just past a memory into a trap instead of a read of the
+/// neighbouring slot.
+const MEMORY_GUARD: u64 = 2 << 20;
+/// Linear memories per instance slot: a Rust component has one; room for
+/// a second.
+const MEMORIES_PER_SLOT: u32 = 2;
+
+/// How the engine allocates each event's instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceAllocation {
+    /// From a pool whose address space is reserved once at start-up: a
+    /// fresh instance per event costs a few microseconds.
+    Pooling,
+    /// Each instance maps its memory when it starts and unmaps it when it
+    /// ends; what [`Runtime::new`] falls back to when the pool's address
+    /// space cannot be reserved.
+    OnDemand,
+}
+
+impl InstanceAllocation {
+    pub fn label(self) -> &'static str {
+        match self {
+            InstanceAllocation::Pooling => "pooling",
+            InstanceAllocation::OnDemand => "on-demand",
+        }
+    }
+}
+
+/// The engine's settings, derived from the limits: how many instances can
+/// run at once, how much address space each linear memory gets, and
+/// whether fuel is metered.
+///
+/// Each linear memory reserves the largest memory limit of any handler
+/// (rounded up to a wasm page, at most 4 GiB) plus [`MEMORY_GUARD`], not
+/// the 4 GiB plus 32 MiB wasmtime reserves by default, so the pool's
+/// virtual memory is proportional to the slots times the configured limit.
+/// With less than 4 GiB reserved, compiled code checks the bounds of each
+/// access explicitly; memories never move (the limiter refuses growth past
+/// the limit, so never past the reservation), which lets that check compare
+/// with a constant, the reservation, rather than load the memory's current
+/// length: an access between the length and the reservation lands on pages
+/// that are not mapped and traps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EnginePlan {
+    /// Instances that can exist at once.
+    slots: u32,
+    /// What each linear memory may grow to: the largest handler limit.
+    largest_memory: u64,
+    /// Address space reserved for each linear memory, guard excluded.
+    memory_reservation: u64,
+    /// Fuel is metered only when some handler asks for it.
+    fuel: bool,
+}
+
+impl EnginePlan {
+    fn new(defaults: &Limits, handlers: &[(&HandlerSpec, HandlerLimits)]) -> EnginePlan {
+        // Each handler has sessions of its own (`--db-max-connections` on
+        // PostgreSQL), so each may run that many events at once: slots for all
+        // of them, so that no handler's runs can take another's instances.
+        let handler_count = u32::try_from(handlers.len().max(1)).unwrap_or(u32::MAX);
+        let slots = defaults.concurrent_runs.saturating_mul(handler_count).saturating_add(4);
+        let largest_memory = handlers
+            .iter()
+            .map(|(_, limits)| limits.memory_bytes)
+            .chain([defaults.memory_bytes])
+            .max()
+            .unwrap_or(defaults.memory_bytes)
+            .min(WASM32_MEMORY_MAX);
+        let memory_reservation = largest_memory.div_ceil(WASM_PAGE).saturating_mul(WASM_PAGE);
+        let fuel = handlers.iter().any(|(_, limits)| limits.fuel.is_some());
+        EnginePlan { slots, largest_memory, memory_reservation, fuel }
+    }
+
+    fn memories(&self) -> u32 {
+        self.slots.saturating_mul(MEMORIES_PER_SLOT)
+    }
+
+    /// Address space the pool reserves for linear memories: each with its
+    /// guard, and one guard before the first. (Instance state, tables and
+    /// async stacks add a few MiB per slot: README, "Virtual memory".)
+    fn memory_pool_bytes(&self) -> u64 {
+        u64::from(self.memories())
+            .saturating_mul(self.memory_reservation.saturating_add(MEMORY_GUARD))
+            .saturating_add(MEMORY_GUARD)
+    }
+
+    /// The engine: epoch interruption for deadlines, fuel when some handler
+    /// asks for it, the memory layout above, and either the pooling instance
+    /// allocator, so a fresh instance per event costs a few microseconds (its
+    /// memory slots are reserved once and reused), or on-demand allocation.
+    /// Everything but the allocation strategy is the same for both, so code
+    /// compiled for one loads into the other.
+    fn config(&self, allocation: InstanceAllocation) -> Config {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(self.fuel)
+            .memory_reservation(self.memory_reservation)
+            .memory_guard_size(MEMORY_GUARD)
+            .memory_may_move(false)
+            // Only for a memory that outgrows its reservation, which the
+            // limits never allow.
+            .memory_reservation_for_growth(0);
+        if allocation == InstanceAllocation::Pooling {
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(self.pooling()));
+        }
+        config
+    }
+
+    fn pooling(&self) -> PoolingAllocationConfig {
+        let slots = self.slots;
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_component_instances(slots)
+            // A Rust component holds a few core instances (the program and the
+            // adapter shims), one memory and a few tables.
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(self.memories())
+            .total_tables(slots.saturating_mul(8))
+            .total_stacks(slots)
+            .max_memory_size(usize::try_from(self.largest_memory).unwrap_or(usize::MAX))
+            // Every event frees an instance. Resetting its memory with madvise
+            // costs a TLB shootdown across the process's threads each time (the
+            // profile's largest kernel item under load). Zero the first 128 KiB
+            // with memset instead and decommit the rest in batches: measured
+            // with bench/run, 22% less CPU per event than madvise alone (a
+            // whole MiB of memset cost more than it saved).
+            .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+            .table_keep_resident(KEEP_RESIDENT_TABLE)
+            .decommit_batch_size(DECOMMIT_BATCH);
+        pooling
+    }
+}
+
+/// Builds the engine [`Runtime::new`] runs handlers in: with the instance
+/// pool when its address space can be reserved, else (a virtual-memory
+/// limit, typically) with on-demand allocation, said in words in the log.
+fn build_engine(
+    defaults: &Limits,
+    handlers: &[(&HandlerSpec, HandlerLimits)],
+) -> anyhow::Result<(Engine, InstanceAllocation)> {
+    let plan = EnginePlan::new(defaults, handlers);
+    let pool_error = match Engine::new(&plan.config(InstanceAllocation::Pooling)) {
+        Ok(engine) => {
+            tracing::info!(
+                slots = plan.slots,
+                memories = plan.memories(),
+                memory_reservation_bytes = plan.memory_reservation,
+                memory_guard_bytes = MEMORY_GUARD,
+                linear_memory_bytes = plan.memory_pool_bytes(),
+                "wasm instance pool reserved: {} instances, {} linear memories of {} + {} guard, {} of address space",
+                plan.slots,
+                plan.memories(),
+                mib(plan.memory_reservation),
+                mib(MEMORY_GUARD),
+                mib(plan.memory_pool_bytes()),
+            );
+            return Ok((engine, InstanceAllocation::Pooling));
+        }
+        Err(error) => anyhow::Error::from(error),
+    };
+    let engine = Engine::new(&plan.config(InstanceAllocation::OnDemand))
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("the wasm instance pool could not be created ({pool_error:#}), nor an engine without it"))?;
+    let limit_bytes = virtual_memory_limit();
+    let limit = match limit_bytes {
+        Some(bytes) => format!("the process's virtual memory is limited to {}", mib(bytes)),
+        None => "no virtual-memory limit is visible in /proc/self/limits, so something else refused the mapping".to_owned(),
+    };
+    tracing::warn!(
+        error = format!("{pool_error:#}"),
+        slots = plan.slots,
+        memories = plan.memories(),
+        memory_reservation_bytes = plan.memory_reservation,
+        memory_guard_bytes = MEMORY_GUARD,
+        linear_memory_bytes = plan.memory_pool_bytes(),
+        virtual_memory_limit_bytes = limit_bytes,
+        "the wasm instance pool could not reserve its address space: {} instances (--db-max-connections × {} handlers + 4) \
+         with {} linear memories of {} + {} guard each, {} of virtual memory; {limit} (ulimit -v, or the container runtime's limit). \
+         Each event's instance is now allocated on demand instead: it maps its memory when the event starts, a little slower per event, \
+         and only running instances hold address space. To get the pool back, raise the limit or lower --handler-memory-mib \
+         (or a handler's memory_mib) or --db-max-connections",
+        plan.slots,
+        handlers.len().max(1),
+        plan.memories(),
+        mib(plan.memory_reservation),
+        mib(MEMORY_GUARD),
+        mib(plan.memory_pool_bytes()),
+    );
+    Ok((engine, InstanceAllocation::OnDemand))
+}
+
+/// `bytes` in MiB (GiB from 1 GiB on), for log lines people read.
+fn mib(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
+    }
+}
+
+/// The process's virtual-memory limit (`RLIMIT_AS`, `ulimit -v`), from
+/// `/proc/self/limits`; `None` when there is none or it cannot be read.
+fn virtual_memory_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|line| line.starts_with("Max address space"))?;
+    // "Max address space   <soft>   <hard>   bytes": the soft limit applies.
+    line.trim_start_matches("Max address space").split_whitespace().next()?.parse().ok()
 }
 
 fn to_wit_event(event: &CloudEvent) -> types::Event {
@@ -498,5 +681,144 @@ fn log_stdio(handler: &str, event: &CloudEvent, printed: &[u8]) {
 impl EventState {
     fn row_caps(&self) -> RowCaps {
         RowCaps { max_rows: self.limits.max_rows, max_bytes: self.limits.max_result_bytes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn defaults(memory_mib: u64, connections: u32) -> Limits {
+        Limits {
+            deadline: Duration::from_secs(10),
+            memory_bytes: memory_mib * MIB,
+            max_body_bytes: MIB,
+            concurrent_runs: connections,
+        }
+    }
+
+    fn handler(name: &str, memory_mib: Option<u64>) -> HandlerSpec {
+        HandlerSpec {
+            name: name.to_owned(),
+            component: format!("{name}.wasm").into(),
+            types: vec![format!("{name}.happened")],
+            migrations: None,
+            uses: Vec::new(),
+            limits: crate::manifest::LimitOverrides { memory_mib, ..Default::default() },
+        }
+    }
+
+    fn plan(defaults: &Limits, handlers: &[HandlerSpec]) -> EnginePlan {
+        let manifest = Manifest { handlers: handlers.to_vec() };
+        EnginePlan::new(defaults, &resolve_limits(&manifest, defaults).unwrap())
+    }
+
+    #[test]
+    fn the_pool_reserves_what_the_limits_allow_not_4_gib_per_memory() {
+        // The defaults: 128 MiB, 16 connections, two handlers.
+        let two = [handler("a", None), handler("b", None)];
+        let default = plan(&defaults(128, 16), &two);
+        assert_eq!(default.slots, 36);
+        assert_eq!(default.memory_reservation, 128 * MIB);
+        assert_eq!(default.memory_pool_bytes(), 72 * (128 * MIB + MEMORY_GUARD) + MEMORY_GUARD);
+        assert!(default.memory_pool_bytes() < 10 << 30, "{}", mib(default.memory_pool_bytes()));
+
+        // Proportional to the limit: a sixteenth of the memory, a sixteenth
+        // of the reservation (guards aside).
+        let small = plan(&defaults(8, 16), &two);
+        assert_eq!(small.memory_reservation * 16, default.memory_reservation);
+
+        // The largest handler limit sizes every slot; an odd size is
+        // rounded up to a wasm page; past 4 GiB nothing more is reserved.
+        let bigger = plan(&defaults(16, 4), &[handler("a", None), handler("b", Some(100))]);
+        assert_eq!((bigger.largest_memory, bigger.memory_reservation), (100 * MIB, 100 * MIB));
+        let odd = plan(&Limits { memory_bytes: 100_000, ..defaults(1, 4) }, &[handler("a", None)]);
+        assert_eq!((odd.largest_memory, odd.memory_reservation), (100_000, 2 * WASM_PAGE));
+        let huge = plan(&defaults(16, 4), &[handler("a", Some(64 * 1024))]);
+        assert_eq!((huge.largest_memory, huge.memory_reservation), (WASM32_MEMORY_MAX, WASM32_MEMORY_MAX));
+    }
+
+    #[test]
+    fn the_default_pool_builds() {
+        let two = [handler("a", None), handler("b", None)];
+        let plan = plan(&defaults(128, 16), &two);
+        Engine::new(&plan.config(InstanceAllocation::Pooling)).expect("the default pool");
+    }
+
+    /// `exactly compile` compiles without a pool; `serve` loads that code
+    /// into a pooled engine, or an on-demand one after a fallback.
+    #[test]
+    fn code_compiled_without_the_pool_loads_into_either_engine() {
+        let plan = plan(&defaults(16, 2), &[handler("a", None)]);
+        let pooled = Engine::new(&plan.config(InstanceAllocation::Pooling)).unwrap();
+        let on_demand = Engine::new(&plan.config(InstanceAllocation::OnDemand)).unwrap();
+        assert_eq!(precompile::engine_fingerprint(&pooled), precompile::engine_fingerprint(&on_demand));
+        let compiled = on_demand.precompile_module(BOUNDS_MODULE).unwrap();
+        // SAFETY: these bytes were just produced by `precompile_module`.
+        unsafe { wasmtime::Module::deserialize(&pooled, &compiled) }.expect("loads into the pooled engine");
+    }
+
+    /// `(module (memory 1) (func (export "load") (param i32) (result i32)
+    /// local.get 0 i32.load) (func (export "grow") (param i32) (result i32)
+    /// local.get 0 memory.grow))`
+    const BOUNDS_MODULE: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x01, 0x06, 0x01, 0x60, 0x01, 0x7f, 0x01, 0x7f, // type 0: (i32) -> i32
+        0x03, 0x03, 0x02, 0x00, 0x00, // two functions of type 0
+        0x05, 0x03, 0x01, 0x00, 0x01, // one memory, one page, no maximum
+        0x07, 0x0f, 0x02, 0x04, b'l', b'o', b'a', b'd', 0x00, 0x00, 0x04, b'g', b'r', b'o', b'w', 0x00, 0x01,
+        0x0a, 0x10, 0x02, // code: two bodies
+        0x07, 0x00, 0x20, 0x00, 0x28, 0x02, 0x00, 0x0b, // local.get 0, i32.load
+        0x06, 0x00, 0x20, 0x00, 0x40, 0x00, 0x0b, // local.get 0, memory.grow
+    ];
+
+    /// With less than 4 GiB reserved the compiled code checks bounds
+    /// explicitly against the reservation: an access past the memory's
+    /// current length, though inside the reservation, must still trap, in
+    /// the pool and on demand, before and after the memory grows.
+    #[test]
+    fn accesses_past_the_memory_trap_with_a_small_reservation() {
+        let plan = plan(&defaults(1, 1), &[handler("a", None)]);
+        assert_eq!(plan.memory_reservation, MIB);
+        for allocation in [InstanceAllocation::Pooling, InstanceAllocation::OnDemand] {
+            let engine = Engine::new(&plan.config(allocation)).unwrap();
+            let module = wasmtime::Module::new(&engine, BOUNDS_MODULE).unwrap();
+            let mut store = Store::new(&engine, ());
+            store.set_epoch_deadline(1);
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+            let load = instance.get_typed_func::<i32, i32>(&mut store, "load").unwrap();
+            let grow = instance.get_typed_func::<i32, i32>(&mut store, "grow").unwrap();
+            let page = WASM_PAGE as i32;
+            let traps = |store: &mut Store<()>, at: i32| match load.call(&mut *store, at) {
+                Ok(_) => false,
+                Err(error) => {
+                    assert_eq!(error.downcast_ref::<Trap>(), Some(&Trap::MemoryOutOfBounds), "{allocation:?} at {at}");
+                    true
+                }
+            };
+            assert!(!traps(&mut store, page - 4), "{allocation:?}");
+            assert!(traps(&mut store, page - 3), "{allocation:?}");
+            assert!(traps(&mut store, page), "{allocation:?}");
+            assert!(traps(&mut store, MIB as i32 - 4), "{allocation:?}: inside the reservation, past the memory");
+            assert!(traps(&mut store, -4), "{allocation:?}");
+            assert_eq!(grow.call(&mut store, 1).unwrap(), 1, "{allocation:?}");
+            assert!(!traps(&mut store, 2 * page - 4), "{allocation:?}");
+            assert!(traps(&mut store, 2 * page - 3), "{allocation:?}");
+            // The whole reservation, and not a page more.
+            assert_eq!(grow.call(&mut store, 14).unwrap(), 2, "{allocation:?}");
+            assert!(!traps(&mut store, MIB as i32 - 4), "{allocation:?}");
+            assert!(traps(&mut store, MIB as i32 - 3), "{allocation:?}");
+            assert_eq!(grow.call(&mut store, 1).unwrap(), -1, "{allocation:?}: past the reservation");
+        }
+    }
+
+    #[test]
+    fn sizes_are_written_for_people() {
+        assert_eq!(mib(128 * MIB), "128 MiB");
+        assert_eq!(mib(MIB + MIB / 2), "1.5 MiB");
+        assert_eq!(mib(9362 * MIB), "9.1 GiB");
+        assert_eq!(mib(290 << 30), "290.0 GiB");
     }
 }

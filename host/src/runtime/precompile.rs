@@ -17,8 +17,9 @@
 //! `exactly compile` wrote (not truncated, not replaced), and the engine has
 //! the very same settings. Otherwise — and when there is no `.cwasm` — it
 //! compiles the `.wasm` as before and says why in the log. Both commands
-//! build their engine with the one function [`super::engine`], so the same
-//! flags and manifest give the same engine.
+//! build their engine from the one set of settings ([`super::engine`] is
+//! `compile`'s, the same without the instance pool, which compiled code does
+//! not depend on), so the same flags and manifest give the same engine.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
