@@ -15,6 +15,7 @@ use percent_encoding::percent_decode;
 use sha2::{Digest, Sha256};
 
 use crate::answer::Rejection;
+use crate::media_type;
 
 /// A delivered CloudEvent (spec version 1.0), attributes as text.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,9 @@ pub struct CloudEvent {
 pub const SPEC_VERSION: &str = "1.0";
 const STRUCTURED: &str = "application/cloudevents+json";
 const BATCHED: &str = "application/cloudevents-batch+json";
+/// The first byte hashed by [`CloudEvent::payload_sha256`]; the legacy
+/// hash starts with 1 (the type is always present).
+const PAYLOAD_FORMAT: u8 = 2;
 const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
 const OPTIONAL: [&str; 5] = ["datacontenttype", "dataschema", "subject", "time", "data"];
 
@@ -48,8 +52,7 @@ pub fn decode(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudEvent, Rejectio
         ),
         None => None,
     };
-    let media_type = content_type.map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
-    match media_type.as_deref() {
+    match content_type.map(media_type::essence).as_deref() {
         Some(BATCHED) => Err(invalid("batched mode (application/cloudevents-batch+json) is not supported; send one event per request")),
         Some(STRUCTURED) => decode_structured(&body),
         _ => decode_binary(headers, content_type, body),
@@ -192,10 +195,35 @@ impl CloudEvent {
     /// What makes two deliveries "the same event": type, subject, data and
     /// its description. `time` and extensions are left out on purpose: a
     /// producer's retry may restamp them (Knative adds arrival-time
-    /// extensions), and that is still the same event. JSON data is hashed in
-    /// canonical form so binary and structured deliveries of one event match.
+    /// extensions), and that is still the same event. The media type is
+    /// hashed in its canonical spelling ([`media_type::canonical`]), so
+    /// `application/json` and `application/json; charset=utf-8` are one
+    /// payload. JSON data (a JSON media type, or none) is hashed in
+    /// canonical form so binary and structured deliveries of one event
+    /// match; other data byte for byte. The hashed text starts with a
+    /// format byte that [`Self::legacy_payload_sha256`] never starts with,
+    /// so the two hashes of different payloads never coincide.
     pub fn payload_sha256(&self) -> [u8; 32] {
+        let content_type = self.datacontenttype.as_deref().map(media_type::canonical);
+        let json = self.datacontenttype.as_deref().is_none_or(media_type::is_json);
+        self.payload_digest(Some(PAYLOAD_FORMAT), content_type.as_deref(), json)
+    }
+
+    /// The payload hash as `exactly` computed it before media types were
+    /// compared as media types: the Content-Type text as sent, any data
+    /// that parses as JSON in canonical form. A record stored by such a
+    /// version holds this hash; the dedup transaction accepts it too, so
+    /// that a redelivery across the upgrade is still a replay. Needed until
+    /// every such record has expired (`--retention`).
+    pub fn legacy_payload_sha256(&self) -> [u8; 32] {
+        self.payload_digest(None, self.datacontenttype.as_deref(), true)
+    }
+
+    fn payload_digest(&self, format: Option<u8>, content_type: Option<&str>, json: bool) -> [u8; 32] {
         let mut hasher = Sha256::new();
+        if let Some(format) = format {
+            hasher.update([format]);
+        }
         let mut field = |value: Option<&[u8]>| match value {
             None => hasher.update([0u8]),
             Some(bytes) => {
@@ -206,9 +234,9 @@ impl CloudEvent {
         };
         field(Some(self.ty.as_bytes()));
         field(self.subject.as_deref().map(str::as_bytes));
-        field(self.datacontenttype.as_deref().map(str::as_bytes));
+        field(content_type.map(str::as_bytes));
         field(self.dataschema.as_deref().map(str::as_bytes));
-        let canonical = self.data.as_deref().and_then(|bytes| {
+        let canonical = self.data.as_deref().filter(|_| json).and_then(|bytes| {
             serde_json::from_slice::<serde_json::Value>(bytes)
                 .ok()
                 .map(|v| v.to_string().into_bytes())
@@ -322,6 +350,31 @@ mod tests {
         let mut changed = from_structured.clone();
         changed.data = Some(br#"{"a":[1,2],"b":2}"#.to_vec());
         assert_ne!(changed.payload_sha256(), from_structured.payload_sha256());
+    }
+
+    #[test]
+    fn the_payload_hash_compares_media_types_as_media_types() {
+        let event = |content_type: &str, data: &[u8]| {
+            let mut headers = binary(&MINIMAL);
+            headers.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+            decode(&headers, data.to_vec()).unwrap()
+        };
+        let json = event("application/json", br#"{"a": 1}"#);
+        for same in ["application/json; charset=utf-8", "Application/JSON", "application/json;charset=\"UTF-8\""] {
+            assert_eq!(event(same, br#"{"a":1}"#).payload_sha256(), json.payload_sha256(), "{same}");
+        }
+        for other in ["application/xml", "text/plain", "application/json; profile=x"] {
+            assert_ne!(event(other, br#"{"a": 1}"#).payload_sha256(), json.payload_sha256(), "{other}");
+        }
+        // Text is compared byte for byte, even when it parses as JSON.
+        let text = event("text/plain; charset=utf-8", br#"{"a":1}"#);
+        assert_eq!(event("TEXT/plain; charset=UTF-8", br#"{"a":1}"#).payload_sha256(), text.payload_sha256());
+        assert_ne!(event("text/plain; charset=utf-8", br#"{"a": 1}"#).payload_sha256(), text.payload_sha256());
+        // The hash of a record stored before media types were compared as
+        // such is never the hash of another payload.
+        assert_ne!(json.legacy_payload_sha256(), json.payload_sha256());
+        let spaced = event("text/plain; charset=utf-8", br#"{"a": 1}"#);
+        assert_ne!(spaced.legacy_payload_sha256(), text.payload_sha256());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! sandboxed WebAssembly components.
 //!
 //! An event travels through one module per stage:
-//! [`decode`] (HTTP → validated CloudEvent) → [`manifest`] routing (type →
+//! [`decode`] (HTTP → validated CloudEvent; [`media_type`] compares media
+//! types) → [`manifest`] routing (type →
 //! handler) → [`pipeline`] (the dedup transaction: claim, run, store, commit)
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
@@ -22,6 +23,7 @@ pub mod decode;
 pub mod dlq;
 pub mod fault;
 pub mod manifest;
+pub mod media_type;
 pub mod metrics;
 pub mod otel;
 pub mod pipeline;
