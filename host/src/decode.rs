@@ -4,7 +4,9 @@
 //! requires) and structured mode (`application/cloudevents+json`, `data` or
 //! `data_base64`). `cloudevents-sdk` builds and validates the event; this
 //! module adds what it leaves out: percent-decoding, duplicate headers,
-//! extension-name rules, and error messages that name the problem. A
+//! extension-name rules, structured data read by its media type (every
+//! JSON media type is JSON: [`crate::media_type::is_json`]), and error
+//! messages that name the problem. A
 //! `CloudEvent` that exists is valid: the next stage never re-checks it.
 
 use cloudevents::event::{AttributesReader, AttributesWriter, Data, ExtensionValue};
@@ -126,7 +128,7 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
 fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({e})")))?;
-    let serde_json::Value::Object(map) = value else {
+    let serde_json::Value::Object(mut map) = value else {
         return Err(invalid("malformed structured CloudEvent: the body is not a JSON object"));
     };
     for attribute in REQUIRED {
@@ -146,18 +148,42 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
             check_extension_name(name)?;
         }
     }
-    let bad_base64 = map.get("data_base64").and_then(|v| v.as_str()).is_some_and(|text| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.decode(text).is_err()
-    });
-    let event: cloudevents::Event = serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| {
-        if bad_base64 {
-            invalid(format!("attribute `data_base64` is not valid base64 ({e})"))
-        } else {
-            invalid(format!("invalid structured CloudEvent: {e}"))
+    // The data is read here, not by cloudevents-sdk: it decides "is this
+    // JSON" by the exact text of datacontenttype (`+json` with a
+    // parameter, or `APPLICATION/JSON`, are not JSON to it).
+    let datacontenttype = map.get("datacontenttype").and_then(|v| v.as_str()).map(str::to_owned);
+    let data = match (map.remove("data"), map.remove("data_base64")) {
+        (Some(_), Some(_)) => return Err(invalid("a structured CloudEvent has `data` or `data_base64`, not both")),
+        (Some(value), None) => Some(structured_data(value, datacontenttype.as_deref())?),
+        (None, Some(serde_json::Value::String(text))) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| invalid(format!("attribute `data_base64` is not valid base64 ({e})")))?;
+            Some(bytes)
         }
-    })?;
-    Ok(from_sdk(event))
+        (None, Some(_)) => return Err(invalid("attribute `data_base64` must be a string (base64)")),
+        (None, None) => None,
+    };
+    let event: cloudevents::Event = serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| invalid(format!("invalid structured CloudEvent: {e}")))?;
+    Ok(CloudEvent { data, ..from_sdk(event) })
+}
+
+/// A structured event's `data` member as bytes: JSON text when the media
+/// type is JSON (every `*/json` and `*/*+json`, any case, any parameters)
+/// or absent (the JSON event format's default); otherwise the member must
+/// be a string, and its text is the data.
+fn structured_data(value: serde_json::Value, datacontenttype: Option<&str>) -> Result<Vec<u8>, Rejection> {
+    match (value, datacontenttype) {
+        (value, None) => Ok(value.to_string().into_bytes()),
+        (value, Some(media_type)) if media_type::is_json(media_type) => Ok(value.to_string().into_bytes()),
+        (serde_json::Value::String(text), Some(_)) => Ok(text.into_bytes()),
+        (_, Some(media_type)) => Err(invalid(format!(
+            "attribute `data` must be a string: datacontenttype {media_type:?} is not a JSON media type \
+             (send JSON data with a JSON media type, or other bytes as `data_base64`)"
+        ))),
+    }
 }
 
 fn from_sdk(event: cloudevents::Event) -> CloudEvent {
@@ -375,6 +401,30 @@ mod tests {
         assert_ne!(json.legacy_payload_sha256(), json.payload_sha256());
         let spaced = event("text/plain; charset=utf-8", br#"{"a": 1}"#);
         assert_ne!(spaced.legacy_payload_sha256(), text.payload_sha256());
+    }
+
+    #[test]
+    fn structured_data_of_every_json_media_type_is_json() {
+        let headers = binary(&[("content-type", "application/cloudevents+json; charset=utf-8")]);
+        let document = |datacontenttype: &str, data: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"{datacontenttype}","data":{data}}}"#
+            )
+            .into_bytes()
+        };
+        for json in ["application/vnd.shop.order+json; charset=utf-8", "APPLICATION/JSON", "text/json", "application/json"] {
+            let event = decode(&headers, document(json, r#"{"b": [1, 2]}"#)).unwrap();
+            assert_eq!(event.data.as_deref(), Some(&br#"{"b":[1,2]}"#[..]), "{json}");
+            assert_eq!(event.datacontenttype.as_deref(), Some(json));
+        }
+        let text = decode(&headers, document("text/plain", r#""{\"b\": 1}""#)).unwrap();
+        assert_eq!(text.data.as_deref(), Some(&br#"{"b": 1}"#[..]));
+        let Err(Rejection::InvalidEvent(m)) = decode(&headers, document("text/plain", "{}")) else { panic!() };
+        assert!(m.contains("`data`") && m.contains("text/plain"), "{m}");
+        let both = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data_base64":"AA=="}"#;
+        assert!(decode(&headers, both.to_vec()).is_err());
+        let base64 = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"application/json","data_base64":"eyJhIjogMX0="}"#;
+        assert_eq!(decode(&headers, base64.to_vec()).unwrap().data.as_deref(), Some(&br#"{"a": 1}"#[..]));
     }
 
     #[test]

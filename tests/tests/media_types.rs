@@ -8,11 +8,13 @@
 //! still another payload.
 
 use exactly_e2e::{Answer, Backend, Event, TestApp, both_backends, json};
+use serde_json::Value;
 
 both_backends!(
     the_same_media_type_written_otherwise_is_the_same_payload,
     a_dead_letter_written_otherwise_is_stored_once,
     a_record_stored_by_an_older_version_still_replays,
+    json_media_types_are_json_data_in_structured_mode,
 );
 
 /// `headers` with the one named `name` replaced (or added).
@@ -146,3 +148,60 @@ async fn a_dead_letter_written_otherwise_is_stored_once(backend: Backend) {
     assert_eq!(deliveries, ["2"], "one dead letter, delivered twice");
 }
 
+/// A structured event whose `datacontenttype` is application/json, or a
+/// JSON media type of its own in any spelling.
+fn structured(event: &Event, datacontenttype: &str, data: Value) -> Vec<u8> {
+    let document = json!({
+        "specversion": "1.0",
+        "id": event.id,
+        "source": event.source,
+        "type": event.type_,
+        "datacontenttype": datacontenttype,
+        "data": data,
+    });
+    serde_json::to_vec(&document).unwrap()
+}
+
+/// Every JSON media type (`*/json`, `*/*+json`, any case, any parameters)
+/// carries its data as a JSON value in structured mode, and that is the
+/// same payload as the JSON body of a binary delivery. A structured event
+/// of another media type carries its data as a string.
+async fn json_media_types_are_json_data_in_structured_mode(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let order = json!({"order_id": "1001", "lines": [{"sku": "a", "n": 2}]});
+    let content_types = [
+        ("application/cloudevents+json; charset=utf-8", "application/vnd.shop.order+json; charset=utf-8"),
+        ("application/cloudevents+json", "APPLICATION/JSON"),
+        ("Application/CloudEvents+JSON", "text/json"),
+        ("application/cloudevents+json;charset=UTF-8", "application/ld+json; profile=\"urn:shop\""),
+        ("application/cloudevents+json", "application/json; charset=utf-8"),
+    ];
+    for (structured_type, datacontenttype) in content_types {
+        let event = Event::new("test.echo").with_data(order.clone());
+        let headers = [("content-type".to_owned(), structured_type.to_owned())];
+        let answer = app.post(&headers, structured(&event, datacontenttype, order.clone())).await;
+        assert_eq!(answer.status, 202, "{datacontenttype:?} is JSON:\n{answer}");
+        answer.assert_processed();
+        assert_eq!(app.processed_result(&event).await, Some(order.clone()), "{datacontenttype:?}");
+        // The same event in binary mode is a replay.
+        post_with_content_type(&app, &event, datacontenttype, &event.data_bytes())
+            .await
+            .assert_replayed();
+    }
+
+    // Not JSON: the data is a string, sent as it is.
+    let text = Event::new("test.count");
+    let headers = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    app.post(&headers, structured(&text, "text/plain; charset=utf-8", json!("{\"a\":1}")))
+        .await
+        .assert_processed();
+    post_with_content_type(&app, &text, "text/plain; charset=utf-8", br#"{"a":1}"#)
+        .await
+        .assert_replayed();
+    let other = Event::new("test.count");
+    let answer = app.post(&headers, structured(&other, "text/plain", json!({"a": 1}))).await;
+    let error = answer.assert_error(400, "invalid-event");
+    assert!(error.message.contains("`data`") && error.message.contains("text/plain"), "{answer}");
+    assert_eq!(app.processed_event(&other).await, None);
+    assert_eq!(app.processed_count().await, content_types.len() as i64 + 1);
+}
