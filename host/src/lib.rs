@@ -9,7 +9,7 @@
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite; on SQLite
 //! [`storage::sqlite_guard`] makes SQLite enforce the sandbox) → [`answer`] (the one error type and the HTTP answer it maps to).
-//! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
+//! [`server`] wires HTTP ([`content_encoding`] decodes compressed bodies), [`cli`] the command line, [`metrics`] what
 //! `/metrics` reports, [`otel`] the OpenTelemetry export and trace
 //! context, [`retention`] the sweeper that expires dedup records; [`fault`]
 //! holds the test-only crash points, [`sql_switch`] the test-only switch
@@ -18,6 +18,7 @@
 
 pub mod answer;
 pub mod cli;
+pub mod content_encoding;
 pub mod convert;
 pub mod decode;
 pub mod dlq;

@@ -6,7 +6,8 @@
 //! events (database reachable, handlers loaded, not shutting down);
 //! `GET /metrics` answers the Prometheus text format (see
 //! [`crate::metrics`]). The body is read under a size limit and a time limit
-//! before anything else looks at it. Each event is processed in its own
+//! before anything else looks at it, then decoded as its `Content-Encoding`
+//! says ([`crate::content_encoding`], under the same size limit). Each event is processed in its own
 //! task, so a client that hangs up does not cut a transaction short.
 //! That task runs inside an `event` tracing span holding the event's
 //! source, id, type, handler and outcome (and the trace id of its W3C
@@ -39,6 +40,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::answer::{Body, Rejection};
+use crate::content_encoding;
 use crate::decode::{CloudEvent, decode};
 use crate::dlq;
 use crate::metrics::{self, Metrics, Outcome};
@@ -381,6 +383,10 @@ impl App {
                 return Err((rejection.clone(), closing(rejection.into_response())));
             }
         };
+        let body = content_encoding::decode_body(&parts.headers, body, limit).map_err(|rejection| {
+            tracing::info!(error = rejection.code(), "{rejection}");
+            (rejection.clone(), rejection.into_response())
+        })?;
         decode(&parts.headers, body).map_err(|rejection| {
             tracing::info!(error = rejection.code(), "{rejection}");
             (rejection.clone(), rejection.into_response())
