@@ -7,7 +7,9 @@
 //! `x-gzip`, RFC 9110 §8.4.1.3), deflate (the zlib format, RFC 9110
 //! §8.4.1.2; a raw deflate stream, which some senders send as `deflate`
 //! all the same, is taken too) and identity, in any case, listed in the
-//! order they were applied; any other is 415. The decoded body is bounded
+//! order they were applied, in one header (two are refused, as every
+//! repeated header that shapes the event: [`crate::decode::single_header`]);
+//! any other coding is 415. The decoded body is bounded
 //! by the same limit as the body, and decoding stops one byte past it: a
 //! small body that inflates to gigabytes costs at most `limit + 1` bytes
 //! of memory before it is refused (413).
@@ -19,6 +21,7 @@ use http::HeaderMap;
 use http::header::CONTENT_ENCODING;
 
 use crate::answer::Rejection;
+use crate::decode::single_header;
 
 /// What `Accept-Encoding` says on a 415 (RFC 9110 §15.5.16).
 pub const SUPPORTED: &str = "gzip, deflate";
@@ -40,7 +43,7 @@ impl Coding {
 
 /// The body `headers` say was encoded into `body`, at most `limit` bytes.
 pub fn decode_body(headers: &HeaderMap, body: Vec<u8>, limit: usize) -> Result<Vec<u8>, Rejection> {
-    let Some(value) = headers.get(CONTENT_ENCODING) else {
+    let Some(value) = single_header(headers, &CONTENT_ENCODING)? else {
         return Ok(body);
     };
     let value = value
@@ -167,5 +170,16 @@ mod tests {
         let mut cut = gzip(b"some data");
         cut.truncate(cut.len() - 4);
         assert!(matches!(decode("gzip", cut, 100), Err(Rejection::InvalidEvent(_))));
+    }
+
+    #[test]
+    fn a_repeated_content_encoding_is_refused() {
+        // RFC 9110 would read two lines as one list; exactly refuses every
+        // repeated header that shapes the event instead of guessing.
+        let mut headers = HeaderMap::new();
+        headers.append(CONTENT_ENCODING, HeaderValue::from_static("identity"));
+        headers.append(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let Err(Rejection::InvalidEvent(message)) = decode_body(&headers, gzip(b"x"), 10) else { panic!() };
+        assert!(message.contains("content-encoding") && message.contains("more than once"), "{message}");
     }
 }

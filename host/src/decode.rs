@@ -11,7 +11,7 @@
 
 use cloudevents::event::{AttributesReader, AttributesWriter, Data, ExtensionValue};
 use cloudevents::{EventBuilder, EventBuilderV10};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http::header::CONTENT_TYPE;
 use percent_encoding::percent_decode;
 use sha2::{Digest, Sha256};
@@ -46,7 +46,7 @@ const OPTIONAL: [&str; 5] = ["datacontenttype", "dataschema", "subject", "time",
 
 /// Decodes a request into an event, or says precisely why it is not one.
 pub fn decode(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudEvent, Rejection> {
-    let content_type = match headers.get(CONTENT_TYPE) {
+    let content_type = match single_header(headers, &CONTENT_TYPE)? {
         Some(value) => Some(
             value
                 .to_str()
@@ -70,11 +70,7 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
             continue;
         };
-        let mut values = headers.get_all(name).iter();
-        let raw = values.next().map(|v| v.as_bytes()).unwrap_or_default();
-        if values.next().is_some() {
-            return Err(invalid(format!("header {name} appears more than once")));
-        }
+        let raw = single_header(headers, name)?.map(|v| v.as_bytes()).unwrap_or_default();
         let value = percent_decode(raw)
             .decode_utf8()
             .map_err(|_| invalid(format!("header {name} is not UTF-8 after percent-decoding")))?
@@ -272,6 +268,18 @@ impl CloudEvent {
     }
 }
 
+/// The one value of a header that shapes the event (Content-Type,
+/// Content-Encoding, every `ce-*`). Two are refused, equal or not: which
+/// one describes the event would be a guess.
+pub fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, Rejection> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(invalid(format!("header {name} appears more than once")));
+    }
+    Ok(first)
+}
+
 fn check_spec_version(version: &str) -> Result<(), Rejection> {
     if version == SPEC_VERSION {
         Ok(())
@@ -357,6 +365,14 @@ mod tests {
     fn duplicate_headers_and_bad_extension_names_are_refused() {
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("ce-id", "2"));
+        assert!(decode(&binary(&pairs), vec![]).is_err());
+        for content_type in ["application/json", "text/plain"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.extend([("content-type", "application/json"), ("Content-Type", content_type)]);
+            let Err(Rejection::InvalidEvent(m)) = decode(&binary(&pairs), vec![]) else { panic!() };
+            assert!(m.contains("content-type") && m.contains("more than once"), "{m}");
+        }
+        let pairs = [("content-type", STRUCTURED), ("content-type", STRUCTURED)];
         assert!(decode(&binary(&pairs), vec![]).is_err());
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("ce-my_ext", "x"));
