@@ -172,6 +172,35 @@ mod tests {
         assert!(matches!(decode("gzip", cut, 100), Err(Rejection::InvalidEvent(_))));
     }
 
+    proptest::proptest! {
+        /// Whatever the bytes (compressed or not), decoding never panics,
+        /// never returns more than the limit, and refuses only as the
+        /// sender's fault; what was compressed comes back as it was.
+        #[test]
+        fn arbitrary_bodies_are_decoded_or_refused_within_the_limit(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            compress in proptest::prelude::any::<bool>(),
+            coding in proptest::sample::select(vec!["gzip", "x-gzip", "deflate", "identity, gzip"]),
+            limit in 0usize..3000,
+        ) {
+            let body = if compress && coding != "deflate" { gzip(&data) } else { data.clone() };
+            match decode(coding, body, limit) {
+                Ok(decoded) => {
+                    proptest::prop_assert!(decoded.len() <= limit);
+                    if compress && coding != "deflate" {
+                        proptest::prop_assert_eq!(decoded, data);
+                    }
+                }
+                Err(Rejection::InvalidEvent(_)) => {}
+                Err(Rejection::DecodedTooLarge { limit: said, .. }) => {
+                    proptest::prop_assert_eq!(said, limit);
+                    proptest::prop_assert!(!compress || coding == "deflate" || data.len() > limit);
+                }
+                Err(other) => proptest::prop_assert!(false, "refused as {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn a_repeated_content_encoding_is_refused() {
         // RFC 9110 would read two lines as one list; exactly refuses every
