@@ -26,6 +26,13 @@ pub enum Rejection {
     InvalidEvent(String),
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request body, decoded (Content-Encoding: {encoding}), is larger than the limit of {limit} bytes")]
+    DecodedTooLarge { limit: usize, encoding: &'static str },
+    #[error(
+        "Content-Encoding {0:?} is not supported: send the body as it is, or encoded with {supported}",
+        supported = crate::content_encoding::SUPPORTED
+    )]
+    UnsupportedEncoding(String),
     #[error("the request body did not arrive within {0:?}")]
     RequestTimeout(std::time::Duration),
     #[error("event ({event_source}, {id}) was already processed with a different payload: a (source, id) must not be reused")]
@@ -77,7 +84,8 @@ impl Rejection {
         use Rejection::*;
         match self {
             InvalidEvent(_) => StatusCode::BAD_REQUEST,
-            PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            PayloadTooLarge(_) | DecodedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             KeyReused { .. } | NoHandler(_) | Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -95,7 +103,8 @@ impl Rejection {
         use Rejection::*;
         match self {
             InvalidEvent(_) => "invalid-event",
-            PayloadTooLarge(_) => "payload-too-large",
+            PayloadTooLarge(_) | DecodedTooLarge { .. } => "payload-too-large",
+            UnsupportedEncoding(_) => "unsupported-encoding",
             RequestTimeout(_) => "request-timeout",
             KeyReused { .. } => "key-reused",
             NoHandler(_) => "no-handler",
@@ -132,6 +141,13 @@ impl Rejection {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         if self.closes_connection() {
             headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if matches!(self, Rejection::UnsupportedEncoding(_)) {
+            // RFC 9110 §15.5.16: say which codings would have been taken.
+            headers.insert(
+                http::header::ACCEPT_ENCODING,
+                HeaderValue::from_static(crate::content_encoding::SUPPORTED),
+            );
         }
         response
     }

@@ -4,17 +4,20 @@
 //! requires) and structured mode (`application/cloudevents+json`, `data` or
 //! `data_base64`). `cloudevents-sdk` builds and validates the event; this
 //! module adds what it leaves out: percent-decoding, duplicate headers,
-//! extension-name rules, and error messages that name the problem. A
+//! extension-name rules, structured data read by its media type (every
+//! JSON media type is JSON: [`crate::media_type::is_json`]), and error
+//! messages that name the problem. A
 //! `CloudEvent` that exists is valid: the next stage never re-checks it.
 
 use cloudevents::event::{AttributesReader, AttributesWriter, Data, ExtensionValue};
 use cloudevents::{EventBuilder, EventBuilderV10};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http::header::CONTENT_TYPE;
 use percent_encoding::percent_decode;
 use sha2::{Digest, Sha256};
 
 use crate::answer::Rejection;
+use crate::media_type;
 
 /// A delivered CloudEvent (spec version 1.0), attributes as text.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,12 +38,15 @@ pub struct CloudEvent {
 pub const SPEC_VERSION: &str = "1.0";
 const STRUCTURED: &str = "application/cloudevents+json";
 const BATCHED: &str = "application/cloudevents-batch+json";
+/// The first byte hashed by [`CloudEvent::payload_sha256`]; the legacy
+/// hash starts with 1 (the type is always present).
+const PAYLOAD_FORMAT: u8 = 2;
 const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
 const OPTIONAL: [&str; 5] = ["datacontenttype", "dataschema", "subject", "time", "data"];
 
 /// Decodes a request into an event, or says precisely why it is not one.
 pub fn decode(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudEvent, Rejection> {
-    let content_type = match headers.get(CONTENT_TYPE) {
+    let content_type = match single_header(headers, &CONTENT_TYPE)? {
         Some(value) => Some(
             value
                 .to_str()
@@ -48,8 +54,7 @@ pub fn decode(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudEvent, Rejectio
         ),
         None => None,
     };
-    let media_type = content_type.map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
-    match media_type.as_deref() {
+    match content_type.map(media_type::essence).as_deref() {
         Some(BATCHED) => Err(invalid("batched mode (application/cloudevents-batch+json) is not supported; send one event per request")),
         Some(STRUCTURED) => decode_structured(&body),
         _ => decode_binary(headers, content_type, body),
@@ -65,11 +70,7 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
             continue;
         };
-        let mut values = headers.get_all(name).iter();
-        let raw = values.next().map(|v| v.as_bytes()).unwrap_or_default();
-        if values.next().is_some() {
-            return Err(invalid(format!("header {name} appears more than once")));
-        }
+        let raw = single_header(headers, name)?.map(|v| v.as_bytes()).unwrap_or_default();
         let value = percent_decode(raw)
             .decode_utf8()
             .map_err(|_| invalid(format!("header {name} is not UTF-8 after percent-decoding")))?
@@ -123,7 +124,7 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
 fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({e})")))?;
-    let serde_json::Value::Object(map) = value else {
+    let serde_json::Value::Object(mut map) = value else {
         return Err(invalid("malformed structured CloudEvent: the body is not a JSON object"));
     };
     for attribute in REQUIRED {
@@ -143,18 +144,42 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
             check_extension_name(name)?;
         }
     }
-    let bad_base64 = map.get("data_base64").and_then(|v| v.as_str()).is_some_and(|text| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.decode(text).is_err()
-    });
-    let event: cloudevents::Event = serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| {
-        if bad_base64 {
-            invalid(format!("attribute `data_base64` is not valid base64 ({e})"))
-        } else {
-            invalid(format!("invalid structured CloudEvent: {e}"))
+    // The data is read here, not by cloudevents-sdk: it decides "is this
+    // JSON" by the exact text of datacontenttype (`+json` with a
+    // parameter, or `APPLICATION/JSON`, are not JSON to it).
+    let datacontenttype = map.get("datacontenttype").and_then(|v| v.as_str()).map(str::to_owned);
+    let data = match (map.remove("data"), map.remove("data_base64")) {
+        (Some(_), Some(_)) => return Err(invalid("a structured CloudEvent has `data` or `data_base64`, not both")),
+        (Some(value), None) => Some(structured_data(value, datacontenttype.as_deref())?),
+        (None, Some(serde_json::Value::String(text))) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| invalid(format!("attribute `data_base64` is not valid base64 ({e})")))?;
+            Some(bytes)
         }
-    })?;
-    Ok(from_sdk(event))
+        (None, Some(_)) => return Err(invalid("attribute `data_base64` must be a string (base64)")),
+        (None, None) => None,
+    };
+    let event: cloudevents::Event = serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| invalid(format!("invalid structured CloudEvent: {e}")))?;
+    Ok(CloudEvent { data, ..from_sdk(event) })
+}
+
+/// A structured event's `data` member as bytes: JSON text when the media
+/// type is JSON (every `*/json` and `*/*+json`, any case, any parameters)
+/// or absent (the JSON event format's default); otherwise the member must
+/// be a string, and its text is the data.
+fn structured_data(value: serde_json::Value, datacontenttype: Option<&str>) -> Result<Vec<u8>, Rejection> {
+    match (value, datacontenttype) {
+        (value, None) => Ok(value.to_string().into_bytes()),
+        (value, Some(media_type)) if media_type::is_json(media_type) => Ok(value.to_string().into_bytes()),
+        (serde_json::Value::String(text), Some(_)) => Ok(text.into_bytes()),
+        (_, Some(media_type)) => Err(invalid(format!(
+            "attribute `data` must be a string: datacontenttype {media_type:?} is not a JSON media type \
+             (send JSON data with a JSON media type, or other bytes as `data_base64`)"
+        ))),
+    }
 }
 
 fn from_sdk(event: cloudevents::Event) -> CloudEvent {
@@ -192,10 +217,35 @@ impl CloudEvent {
     /// What makes two deliveries "the same event": type, subject, data and
     /// its description. `time` and extensions are left out on purpose: a
     /// producer's retry may restamp them (Knative adds arrival-time
-    /// extensions), and that is still the same event. JSON data is hashed in
-    /// canonical form so binary and structured deliveries of one event match.
+    /// extensions), and that is still the same event. The media type is
+    /// hashed in its canonical spelling ([`media_type::canonical`]), so
+    /// `application/json` and `application/json; charset=utf-8` are one
+    /// payload. JSON data (a JSON media type, or none) is hashed in
+    /// canonical form so binary and structured deliveries of one event
+    /// match; other data byte for byte. The hashed text starts with a
+    /// format byte that [`Self::legacy_payload_sha256`] never starts with,
+    /// so the two hashes of different payloads never coincide.
     pub fn payload_sha256(&self) -> [u8; 32] {
+        let content_type = self.datacontenttype.as_deref().map(media_type::canonical);
+        let json = self.datacontenttype.as_deref().is_none_or(media_type::is_json);
+        self.payload_digest(Some(PAYLOAD_FORMAT), content_type.as_deref(), json)
+    }
+
+    /// The payload hash as `exactly` computed it before media types were
+    /// compared as media types: the Content-Type text as sent, any data
+    /// that parses as JSON in canonical form. A record stored by such a
+    /// version holds this hash; the dedup transaction accepts it too, so
+    /// that a redelivery across the upgrade is still a replay. Needed until
+    /// every such record has expired (`--retention`).
+    pub fn legacy_payload_sha256(&self) -> [u8; 32] {
+        self.payload_digest(None, self.datacontenttype.as_deref(), true)
+    }
+
+    fn payload_digest(&self, format: Option<u8>, content_type: Option<&str>, json: bool) -> [u8; 32] {
         let mut hasher = Sha256::new();
+        if let Some(format) = format {
+            hasher.update([format]);
+        }
         let mut field = |value: Option<&[u8]>| match value {
             None => hasher.update([0u8]),
             Some(bytes) => {
@@ -206,9 +256,9 @@ impl CloudEvent {
         };
         field(Some(self.ty.as_bytes()));
         field(self.subject.as_deref().map(str::as_bytes));
-        field(self.datacontenttype.as_deref().map(str::as_bytes));
+        field(content_type.map(str::as_bytes));
         field(self.dataschema.as_deref().map(str::as_bytes));
-        let canonical = self.data.as_deref().and_then(|bytes| {
+        let canonical = self.data.as_deref().filter(|_| json).and_then(|bytes| {
             serde_json::from_slice::<serde_json::Value>(bytes)
                 .ok()
                 .map(|v| v.to_string().into_bytes())
@@ -216,6 +266,18 @@ impl CloudEvent {
         field(canonical.as_deref().or(self.data.as_deref()));
         hasher.finalize().into()
     }
+}
+
+/// The one value of a header that shapes the event (Content-Type,
+/// Content-Encoding, every `ce-*`). Two are refused, equal or not: which
+/// one describes the event would be a guess.
+pub fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, Rejection> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(invalid(format!("header {name} appears more than once")));
+    }
+    Ok(first)
 }
 
 fn check_spec_version(version: &str) -> Result<(), Rejection> {
@@ -304,6 +366,14 @@ mod tests {
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("ce-id", "2"));
         assert!(decode(&binary(&pairs), vec![]).is_err());
+        for content_type in ["application/json", "text/plain"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.extend([("content-type", "application/json"), ("Content-Type", content_type)]);
+            let Err(Rejection::InvalidEvent(m)) = decode(&binary(&pairs), vec![]) else { panic!() };
+            assert!(m.contains("content-type") && m.contains("more than once"), "{m}");
+        }
+        let pairs = [("content-type", STRUCTURED), ("content-type", STRUCTURED)];
+        assert!(decode(&binary(&pairs), vec![]).is_err());
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("ce-my_ext", "x"));
         assert!(decode(&binary(&pairs), vec![]).is_err());
@@ -322,6 +392,55 @@ mod tests {
         let mut changed = from_structured.clone();
         changed.data = Some(br#"{"a":[1,2],"b":2}"#.to_vec());
         assert_ne!(changed.payload_sha256(), from_structured.payload_sha256());
+    }
+
+    #[test]
+    fn the_payload_hash_compares_media_types_as_media_types() {
+        let event = |content_type: &str, data: &[u8]| {
+            let mut headers = binary(&MINIMAL);
+            headers.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+            decode(&headers, data.to_vec()).unwrap()
+        };
+        let json = event("application/json", br#"{"a": 1}"#);
+        for same in ["application/json; charset=utf-8", "Application/JSON", "application/json;charset=\"UTF-8\""] {
+            assert_eq!(event(same, br#"{"a":1}"#).payload_sha256(), json.payload_sha256(), "{same}");
+        }
+        for other in ["application/xml", "text/plain", "application/json; profile=x"] {
+            assert_ne!(event(other, br#"{"a": 1}"#).payload_sha256(), json.payload_sha256(), "{other}");
+        }
+        // Text is compared byte for byte, even when it parses as JSON.
+        let text = event("text/plain; charset=utf-8", br#"{"a":1}"#);
+        assert_eq!(event("TEXT/plain; charset=UTF-8", br#"{"a":1}"#).payload_sha256(), text.payload_sha256());
+        assert_ne!(event("text/plain; charset=utf-8", br#"{"a": 1}"#).payload_sha256(), text.payload_sha256());
+        // The hash of a record stored before media types were compared as
+        // such is never the hash of another payload.
+        assert_ne!(json.legacy_payload_sha256(), json.payload_sha256());
+        let spaced = event("text/plain; charset=utf-8", br#"{"a": 1}"#);
+        assert_ne!(spaced.legacy_payload_sha256(), text.payload_sha256());
+    }
+
+    #[test]
+    fn structured_data_of_every_json_media_type_is_json() {
+        let headers = binary(&[("content-type", "application/cloudevents+json; charset=utf-8")]);
+        let document = |datacontenttype: &str, data: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"{datacontenttype}","data":{data}}}"#
+            )
+            .into_bytes()
+        };
+        for json in ["application/vnd.shop.order+json; charset=utf-8", "APPLICATION/JSON", "text/json", "application/json"] {
+            let event = decode(&headers, document(json, r#"{"b": [1, 2]}"#)).unwrap();
+            assert_eq!(event.data.as_deref(), Some(&br#"{"b":[1,2]}"#[..]), "{json}");
+            assert_eq!(event.datacontenttype.as_deref(), Some(json));
+        }
+        let text = decode(&headers, document("text/plain", r#""{\"b\": 1}""#)).unwrap();
+        assert_eq!(text.data.as_deref(), Some(&br#"{"b": 1}"#[..]));
+        let Err(Rejection::InvalidEvent(m)) = decode(&headers, document("text/plain", "{}")) else { panic!() };
+        assert!(m.contains("`data`") && m.contains("text/plain"), "{m}");
+        let both = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data_base64":"AA=="}"#;
+        assert!(decode(&headers, both.to_vec()).is_err());
+        let base64 = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"application/json","data_base64":"eyJhIjogMX0="}"#;
+        assert_eq!(decode(&headers, base64.to_vec()).unwrap().data.as_deref(), Some(&br#"{"a": 1}"#[..]));
     }
 
     #[test]

@@ -2,13 +2,14 @@
 //! sandboxed WebAssembly components.
 //!
 //! An event travels through one module per stage:
-//! [`decode`] (HTTP → validated CloudEvent) → [`manifest`] routing (type →
+//! [`decode`] (HTTP → validated CloudEvent; [`media_type`] compares media
+//! types) → [`manifest`] routing (type →
 //! handler) → [`pipeline`] (the dedup transaction: claim, run, store, commit)
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite; on SQLite
 //! [`storage::sqlite_guard`] makes SQLite enforce the sandbox) → [`answer`] (the one error type and the HTTP answer it maps to).
-//! [`server`] wires HTTP, [`cli`] the command line, [`metrics`] what
+//! [`server`] wires HTTP ([`content_encoding`] decodes compressed bodies), [`cli`] the command line, [`metrics`] what
 //! `/metrics` reports, [`otel`] the OpenTelemetry export and trace
 //! context, [`retention`] the sweeper that expires dedup records; [`fault`]
 //! holds the test-only crash points, [`sql_switch`] the test-only switch
@@ -17,11 +18,13 @@
 
 pub mod answer;
 pub mod cli;
+pub mod content_encoding;
 pub mod convert;
 pub mod decode;
 pub mod dlq;
 pub mod fault;
 pub mod manifest;
+pub mod media_type;
 pub mod metrics;
 pub mod otel;
 pub mod pipeline;

@@ -133,7 +133,7 @@ impl Pipeline {
             Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
                 tx.rollback().await;
                 timings.database += started.elapsed();
-                if stored != payload_sha256 {
+                if stored != payload_sha256 && stored != event.legacy_payload_sha256() {
                     return Err(Rejection::KeyReused { event_source: event.source.clone(), id: event.id.clone() });
                 }
                 return Ok(Some(Processed { answer: *answer, replay: true, handler: handler.name.clone() }));

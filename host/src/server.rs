@@ -6,7 +6,8 @@
 //! events (database reachable, handlers loaded, not shutting down);
 //! `GET /metrics` answers the Prometheus text format (see
 //! [`crate::metrics`]). The body is read under a size limit and a time limit
-//! before anything else looks at it. Each event is processed in its own
+//! before anything else looks at it, then decoded as its `Content-Encoding`
+//! says ([`crate::content_encoding`], under the same size limit). Each event is processed in its own
 //! task, so a client that hangs up does not cut a transaction short.
 //! That task runs inside an `event` tracing span holding the event's
 //! source, id, type, handler and outcome (and the trace id of its W3C
@@ -39,6 +40,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::answer::{Body, Rejection};
+use crate::content_encoding;
 use crate::decode::{CloudEvent, decode};
 use crate::dlq;
 use crate::metrics::{self, Metrics, Outcome};
@@ -335,10 +337,12 @@ impl App {
     async fn read_event(&self, request: Request<Incoming>, limit: usize) -> Result<CloudEvent, Response<Body>> {
         let (parts, body) = request.into_parts();
         let read = match self.read_request_body(&parts, body, limit).await {
-            Ok(body) => decode(&parts.headers, body).map_err(|rejection| {
-                tracing::info!(error = rejection.code(), "{rejection}");
-                (rejection.clone(), rejection.into_response())
-            }),
+            Ok(body) => content_encoding::decode_body(&parts.headers, body, limit)
+                .and_then(|body| decode(&parts.headers, body))
+                .map_err(|rejection| {
+                    tracing::info!(error = rejection.code(), "{rejection}");
+                    (rejection.clone(), rejection.into_response())
+                }),
             Err(refused) => Err(refused),
         };
         read.map_err(|(rejection, response)| {
@@ -404,7 +408,17 @@ impl App {
                 return response;
             }
         };
-        let letter = match decode(&parts.headers, body.clone()) {
+        // Decoded as an event when it is a valid one (its Content-Encoding
+        // undone, bounded by the same limit: 413 past it, the only refusal
+        // for its content); kept as received otherwise.
+        let decoded = match content_encoding::decode_body(&parts.headers, body.clone(), self.max_dead_letter_bytes) {
+            Err(rejection @ Rejection::PayloadTooLarge(_)) => {
+                self.metrics.rejected(rejection.code());
+                return rejection.into_response();
+            }
+            decoded => decoded.and_then(|decoded| decode(&parts.headers, decoded)),
+        };
+        let letter = match decoded {
             Ok(event) => dlq::Letter::event(&event, &parts.headers, &body),
             Err(rejection) => dlq::Letter::raw(&parts.headers, &body, rejection.to_string()),
         };

@@ -17,6 +17,7 @@ both_backends!(
     percent_encoded_attributes_are_decoded,
     undecodable_header_values_are_refused,
     duplicate_attribute_headers_are_refused,
+    repeated_content_headers_are_refused,
     other_spec_versions_are_refused,
     extension_names_are_checked,
     content_type_decides_the_mode,
@@ -231,6 +232,39 @@ async fn duplicate_attribute_headers_are_refused(backend: Backend) {
     let answer = raw_exchange(&app, &raw_binary(&event, &[], b"CE-Type: test.count\r\n")).await;
     assert_invalid(&answer, "ce-type");
     assert_nothing_stored(&app).await;
+}
+
+/// Two `Content-Type` or two `Content-Encoding` headers are as ambiguous
+/// as two `ce-id`: which one describes the body? Refused, whichever mode.
+async fn repeated_content_headers_are_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.echo");
+
+    let answer = raw_exchange(&app, &raw_binary(&event, &[], b"Content-Type: text/plain\r\n")).await;
+    assert_invalid(&answer, "content-type");
+    assert!(answer.json()["message"].as_str().unwrap().contains("more than once"), "{answer}");
+    // The same text twice is refused too: no header that shapes the event
+    // may be repeated.
+    let answer = raw_exchange(&app, &raw_binary(&event, &[], b"content-type: application/json\r\n")).await;
+    assert_invalid(&answer, "content-type");
+
+    let body = event.structured_body();
+    let mut structured = b"POST / HTTP/1.1\r\nHost: exactly\r\nConnection: close\r\n\
+        Content-Type: application/cloudevents+json\r\nContent-Type: application/json\r\n"
+        .to_vec();
+    structured.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+    structured.extend_from_slice(&body);
+    assert_invalid(&raw_exchange(&app, &structured).await, "content-type");
+
+    for extra in [
+        &b"Content-Encoding: identity\r\nContent-Encoding: identity\r\n"[..],
+        b"Content-Encoding: identity\r\ncontent-encoding: gzip\r\n",
+    ] {
+        let answer = raw_exchange(&app, &raw_binary(&event, &[], extra)).await;
+        assert_invalid(&answer, "content-encoding");
+    }
+    assert_nothing_stored(&app).await;
+    app.send_binary(&event).await.assert_processed();
 }
 
 /// CloudEvents 0.3 is not accepted, in either mode, and the message says
