@@ -20,7 +20,7 @@ use flate2::read::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
 use http::HeaderMap;
 use http::header::CONTENT_ENCODING;
 
-use crate::answer::Rejection;
+use crate::rejection::Rejection;
 use crate::decode::single_header;
 
 /// What `Accept-Encoding` says on a 415 (RFC 9110 §15.5.16).

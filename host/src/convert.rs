@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Column, Postgres, Row, Sqlite, TypeInfo, ValueRef};
 
 pub use crate::runtime::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
-use crate::answer::{LimitKind, Rejection};
+use crate::rejection::{LimitKind, Rejection};
 use crate::storage::ErrorClass;
 
 pub enum StatementOutput {
@@ -28,27 +28,46 @@ pub enum StatementOutput {
     Affected(u64),
 }
 
-/// A handler statement that did not succeed: what the handler is told, and
-/// what it means for the event.
+/// A handler statement that did not succeed: what the handler is told
+/// (`error`), and what it means for the event (`fault`).
 #[derive(Debug)]
 pub struct StatementError {
     pub error: DbError,
-    pub blame: Blame,
+    pub fault: StatementFault,
 }
 
-/// What a failed statement means for the event, beyond what the handler is
-/// told.
-#[derive(Debug)]
-pub enum Blame {
-    /// The handler's statement failed; the handler may decide what to answer.
-    Handler,
-    /// The database refused it on principle (no privilege): a refusal.
-    Refused,
-    /// The statement hit a limit of the sandbox.
-    Limit(LimitKind),
-    /// The database's fault (outage, lock contention): 503 whatever the
-    /// handler does.
-    Host(Rejection),
+/// Why a handler's statement did not succeed, and so why its event can no
+/// longer commit: whose fault it is and which answer follows
+/// (`runtime::Run::judge` turns it into the event's
+/// [`Rejection`](crate::rejection::Rejection)). The first one of an event
+/// dooms it: nothing of the event commits, whatever the handler returns.
+#[derive(Debug, Clone)]
+pub enum StatementFault {
+    /// The handler's statement failed in the database (data, a conflict, a
+    /// mistake in the SQL): the handler's own error decides the answer, and
+    /// returning `Ok` anyway is 500 `statement-failed`.
+    Failed(String),
+    /// Refused by the filter or by the database's own wall (no privilege,
+    /// SQLite's authorizer): 422 `statement-refused`, since running it again
+    /// is refused again.
+    Refused(String),
+    /// A sandbox limit: 500 with the limit's code.
+    Limit(LimitKind, String),
+    /// The database's trouble (unreachable, contended): its 503, whatever
+    /// the handler returns.
+    Database(Rejection),
+}
+
+impl StatementFault {
+    /// Words for the handler's later statements and the logs.
+    pub fn describe(&self) -> String {
+        match self {
+            StatementFault::Refused(message) | StatementFault::Failed(message) | StatementFault::Limit(_, message) => {
+                message.clone()
+            }
+            StatementFault::Database(rejection) => rejection.to_string(),
+        }
+    }
 }
 
 impl StatementError {
@@ -64,47 +83,55 @@ impl StatementError {
                     _ => DbErrorKind::Failed,
                 };
                 let message = db.message().to_owned();
-                let (kind, blame) = match ErrorClass::of_database(db.as_ref()) {
+                let (kind, fault) = match ErrorClass::of_database(db.as_ref()) {
                     // statement_timeout, or SQLITE_INTERRUPT at the event's
                     // deadline: the handler's statement ran too long.
-                    ErrorClass::Timeout => (kind, Blame::Limit(LimitKind::StatementTimeout)),
+                    ErrorClass::Timeout => (kind, StatementFault::Limit(LimitKind::StatementTimeout, message.clone())),
                     // insufficient_privilege: the per-handler role's wall;
                     // SQLITE_AUTH: SQLite's authorizer (storage::sqlite_guard).
-                    ErrorClass::Privilege => (DbErrorKind::Refused, Blame::Refused),
-                    ErrorClass::Contention => (kind, Blame::Host(Rejection::Busy(message.clone()))),
-                    ErrorClass::Unavailable => (kind, Blame::Host(Rejection::DatabaseUnavailable(message.clone()))),
-                    ErrorClass::Data | ErrorClass::Conflict | ErrorClass::Other => (kind, Blame::Handler),
+                    ErrorClass::Privilege => (DbErrorKind::Refused, StatementFault::Refused(message.clone())),
+                    ErrorClass::Contention => (kind, StatementFault::Database(Rejection::Busy(message.clone()))),
+                    ErrorClass::Unavailable => {
+                        (kind, StatementFault::Database(Rejection::DatabaseUnavailable(message.clone())))
+                    }
+                    ErrorClass::Data | ErrorClass::Conflict | ErrorClass::Other => {
+                        (kind, StatementFault::Failed(message.clone()))
+                    }
                 };
-                StatementError { error: DbError { kind, code, message }, blame }
+                StatementError { error: DbError { kind, code, message }, fault }
             }
             sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::Encode(_) => {
                 StatementError::conversion(error.to_string())
             }
             _ => StatementError {
                 error: DbError { kind: DbErrorKind::Failed, code: None, message: error.to_string() },
-                blame: Blame::Host(Rejection::DatabaseUnavailable(error.to_string())),
+                fault: StatementFault::Database(Rejection::DatabaseUnavailable(error.to_string())),
             },
         }
     }
 
     pub fn conversion(message: impl Into<String>) -> Self {
+        let message = message.into();
         StatementError {
-            error: DbError { kind: DbErrorKind::Conversion, code: None, message: message.into() },
-            blame: Blame::Handler,
+            fault: StatementFault::Failed(message.clone()),
+            error: DbError { kind: DbErrorKind::Conversion, code: None, message },
         }
     }
 
     pub fn limit(limit: LimitKind, message: String) -> Self {
         StatementError {
+            fault: StatementFault::Limit(limit, message.clone()),
             error: DbError { kind: DbErrorKind::Failed, code: None, message },
-            blame: Blame::Limit(limit),
         }
     }
 
     /// A statement the database's own guard refused before running it
     /// (SQLite's authorizer, more than one statement in the text).
     pub fn refused(message: String) -> Self {
-        StatementError { error: DbError { kind: DbErrorKind::Refused, code: None, message }, blame: Blame::Refused }
+        StatementError {
+            fault: StatementFault::Refused(message.clone()),
+            error: DbError { kind: DbErrorKind::Refused, code: None, message },
+        }
     }
 }
 
@@ -390,7 +417,7 @@ mod tests {
     use super::*;
 
     fn blame_is_limit(result: Result<(), StatementError>) -> bool {
-        matches!(result, Err(StatementError { blame: Blame::Limit(LimitKind::Parameters), .. }))
+        matches!(result, Err(StatementError { fault: StatementFault::Limit(LimitKind::Parameters, _), .. }))
     }
 
     #[test]
@@ -414,7 +441,7 @@ mod tests {
         let huge = vec![Value::Numeric("9".repeat(4_000_000))];
         let error = check_params(&huge, u64::MAX).unwrap_err();
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
-        assert!(matches!(error.blame, Blame::Handler));
+        assert!(matches!(error.fault, StatementFault::Failed(_)));
         assert_eq!(error.error.kind, DbErrorKind::Conversion);
         assert!(error.error.message.contains("at most 1000"), "{}", error.error.message);
         assert!(error.error.message.len() < 300, "the message quotes the value");

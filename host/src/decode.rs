@@ -16,7 +16,7 @@ use http::header::CONTENT_TYPE;
 use percent_encoding::percent_decode;
 use sha2::{Digest, Sha256};
 
-use crate::answer::Rejection;
+use crate::rejection::Rejection;
 use crate::media_type;
 
 /// A delivered CloudEvent (spec version 1.0), attributes as text.

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod otel;
 pub mod pipeline;
 pub mod policy;
+pub mod rejection;
 pub mod retention;
 pub mod runtime;
 pub mod server;

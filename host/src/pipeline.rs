@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use crate::answer::{Committed, Rejection, ReplyEvent};
+use crate::answer::{Committed, ReplyEvent};
+use crate::rejection::Rejection;
 use crate::decode::CloudEvent;
 use crate::fault::{self, Point};
 use crate::metrics::{EventTimings, Metrics};

@@ -39,7 +39,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
-use crate::answer::{Body, Rejection};
+use crate::answer::Body;
+use crate::rejection::Rejection;
 use crate::content_encoding;
 use crate::decode::{CloudEvent, decode};
 use crate::dlq;
@@ -409,15 +410,11 @@ impl App {
             }
         };
         // Decoded as an event when it is a valid one (its Content-Encoding
-        // undone, bounded by the same limit: 413 past it, the only refusal
-        // for its content); kept as received otherwise.
-        let decoded = match content_encoding::decode_body(&parts.headers, body.clone(), self.max_dead_letter_bytes) {
-            Err(rejection @ Rejection::PayloadTooLarge(_)) => {
-                self.metrics.rejected(rejection.code());
-                return rejection.into_response();
-            }
-            decoded => decoded.and_then(|decoded| decode(&parts.headers, decoded)),
-        };
+        // undone, bounded by the same limit); kept as received otherwise,
+        // a body that would decode past the limit included: as sent it is
+        // within the limit, and refusing it would lose it.
+        let decoded = content_encoding::decode_body(&parts.headers, body.clone(), self.max_dead_letter_bytes)
+            .and_then(|decoded| decode(&parts.headers, decoded));
         let letter = match decoded {
             Ok(event) => dlq::Letter::event(&event, &parts.headers, &body),
             Err(rejection) => dlq::Letter::raw(&parts.headers, &body, rejection.to_string()),
@@ -527,7 +524,7 @@ fn json_error(status: StatusCode, code: &'static str, message: &str) -> Response
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    headers.insert(crate::answer::ERROR_HEADER, http::HeaderValue::from_static(code));
+    headers.insert(crate::rejection::ERROR_HEADER, http::HeaderValue::from_static(code));
     response
 }
 

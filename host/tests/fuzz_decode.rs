@@ -16,7 +16,7 @@
 //! PROPTEST_CASES=1000000 cargo test -p exactly --test fuzz_decode -- --nocapture
 //! ```
 
-use exactly::answer::Rejection;
+use exactly::rejection::Rejection;
 use exactly::decode::{CloudEvent, decode};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;

@@ -9,7 +9,8 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
-use crate::answer::{Body, Rejection};
+use crate::answer::Body;
+use crate::rejection::Rejection;
 use crate::decode::CloudEvent;
 use crate::storage::{Database, classify};
 

@@ -3,8 +3,9 @@
 
 use std::borrow::Cow;
 
-use super::{Doom, EventState};
-use crate::answer::LimitKind;
+use super::EventState;
+use crate::convert::StatementFault;
+use crate::rejection::LimitKind;
 use super::bindings::exactly::handler::log::{Host, Level};
 
 /// Longest message kept from one call; the rest is cut.
@@ -17,7 +18,7 @@ impl Host for EventState {
             if self.doom.is_none() {
                 tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
                     max_log_bytes = self.limits.max_log_bytes, "handler exceeded its log volume; dropping its lines and failing the event");
-                self.doom = Some(Doom::Limit(LimitKind::LogVolume, format!("more than {} bytes of log", self.limits.max_log_bytes)));
+                self.doom = Some(StatementFault::Limit(LimitKind::LogVolume, format!("more than {} bytes of log", self.limits.max_log_bytes)));
             }
             return;
         }

@@ -32,7 +32,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::answer::{LimitKind, Rejection};
+use crate::convert::StatementFault;
+use crate::rejection::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
 use crate::metrics::Metrics;
@@ -134,19 +135,10 @@ pub struct EventState {
     /// Set by the first failed or refused statement or exceeded limit:
     /// nothing of the event may commit after that, whatever the handler
     /// returns.
-    doom: Option<Doom>,
+    doom: Option<StatementFault>,
     memory: MemoryGuard,
     wasi: WasiCtx,
     table: ResourceTable,
-}
-
-/// Why an event can no longer commit.
-#[derive(Debug, Clone)]
-enum Doom {
-    Refused(String),
-    Failed(String),
-    Limit(LimitKind, String),
-    HostFault(Rejection),
 }
 
 /// Refuses memory growth past the handler's cap, and remembers that it did
@@ -335,7 +327,7 @@ impl Runtime {
 /// What the run left behind, to decide the event by.
 struct Run {
     handler: String,
-    doom: Option<Doom>,
+    doom: Option<StatementFault>,
     memory_hit: bool,
     log_exceeded: bool,
     deadline: Duration,
@@ -352,14 +344,14 @@ impl Run {
     fn judge(self, returned: Returned, printed: &[u8]) -> Result<types::Outcome, Rejection> {
         let handler = self.handler;
         let limit = |limit: LimitKind, message: String| Rejection::Limit { handler: handler.clone(), limit, message };
-        if let Some(Doom::HostFault(rejection)) = self.doom {
+        if let Some(StatementFault::Database(rejection)) = self.doom {
             return Err(rejection);
         }
         let result = match returned {
             Ok(result) if !self.past_deadline => result,
             _ => return Err(Rejection::Deadline { handler, seconds: self.deadline.as_secs_f64() }),
         };
-        if let Some(Doom::Limit(kind, message)) = &self.doom {
+        if let Some(StatementFault::Limit(kind, message)) = &self.doom {
             return Err(limit(*kind, message.clone()));
         }
         if self.memory_hit {
@@ -374,11 +366,11 @@ impl Run {
             return Err(limit(LimitKind::Fuel, "the handler ran out of fuel".into()));
         }
         match (self.doom, result) {
-            (Some(Doom::Refused(message)), _) => Err(Rejection::StatementRefused { handler, message }),
+            (Some(StatementFault::Refused(message)), _) => Err(Rejection::StatementRefused { handler, message }),
             (_, Err(error)) => Err(Rejection::Trap { handler, message: describe_trap(&error, printed) }),
             (_, Ok(Err(types::HandlerError::Permanent(message)))) => Err(Rejection::Permanent { handler, message }),
             (_, Ok(Err(types::HandlerError::Retryable(message)))) => Err(Rejection::Retryable { handler, message }),
-            (Some(Doom::Failed(message)), Ok(Ok(_))) => Err(Rejection::StatementFailed { handler, message }),
+            (Some(StatementFault::Failed(message)), Ok(Ok(_))) => Err(Rejection::StatementFailed { handler, message }),
             (_, Ok(Ok(outcome))) => Ok(outcome),
         }
     }

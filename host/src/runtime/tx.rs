@@ -9,9 +9,9 @@
 
 use super::bindings::exactly::handler::tx::Host;
 use super::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
-use super::{Doom, EventState};
-use crate::answer::LimitKind;
-use crate::convert::{Blame, StatementError, StatementOutput};
+use super::EventState;
+use crate::convert::{StatementError, StatementFault, StatementOutput};
+use crate::rejection::LimitKind;
 
 impl EventState {
     async fn statement(&mut self, sql: String, params: Vec<Value>, want_rows: bool) -> Result<StatementOutput, DbError> {
@@ -28,7 +28,7 @@ impl EventState {
         self.statements += 1;
         if self.statements > self.limits.max_statements {
             let message = format!("more than {} statements in one event", self.limits.max_statements);
-            self.doom = Some(Doom::Limit(LimitKind::Statements, message.clone()));
+            self.doom = Some(StatementFault::Limit(LimitKind::Statements, message.clone()));
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message });
         }
         // The SQL text's length is bounded here, before the policy reads it
@@ -43,19 +43,16 @@ impl EventState {
                 crate::policy::MAX_SQL_BYTES
             );
             tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{message}");
-            self.doom = Some(Doom::Refused(message.clone()));
+            self.doom = Some(StatementFault::Refused(message.clone()));
             return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
         }
         // The parameters are bounded before anything of them is parsed or
         // bound (see `convert::check_params`).
         let checked = crate::convert::check_params(&params, self.limits.max_result_bytes);
-        if let Err(StatementError { error, blame }) = checked {
+        if let Err(StatementError { error, fault }) = checked {
             tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
                 "handler statement refused before binding: {}", error.message);
-            self.doom = Some(match blame {
-                Blame::Limit(kind) => Doom::Limit(kind, error.message.clone()),
-                _ => Doom::Failed(error.message.clone()),
-            });
+            self.doom = Some(fault);
             return Err(error);
         }
         // Test-only (feature sql-policy-switch, EXACTLY_TEST_SQL_POLICY=off):
@@ -78,7 +75,7 @@ impl EventState {
             Err(reason) => {
                 let message = format!("refused {:?}: {reason}", shorten(&sql));
                 tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", super::log::printable(&message));
-                self.doom = Some(Doom::Refused(message.clone()));
+                self.doom = Some(StatementFault::Refused(message.clone()));
                 return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
             }
         };
@@ -99,7 +96,7 @@ impl EventState {
                 }
             );
             tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", super::log::printable(&message));
-            self.doom = Some(Doom::Refused(message.clone()));
+            self.doom = Some(StatementFault::Refused(message.clone()));
             return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
         }
         let caps = self.row_caps();
@@ -111,26 +108,17 @@ impl EventState {
         self.database_time += started.elapsed();
         match ran {
             Ok(output) => Ok(output),
-            Err(StatementError { error, blame }) => {
+            Err(StatementError { error, fault }) => {
                 tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
                     code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", super::log::printable(&error.message));
-                self.doom = Some(match blame {
-                    Blame::Handler => Doom::Failed(error.message.clone()),
-                    Blame::Refused => Doom::Refused(format!("the database refused {:?}: {}", shorten(&sql), error.message)),
-                    Blame::Limit(kind) => Doom::Limit(kind, error.message.clone()),
-                    Blame::Host(rejection) => Doom::HostFault(rejection),
+                self.doom = Some(match fault {
+                    StatementFault::Refused(message) => {
+                        StatementFault::Refused(format!("the database refused {:?}: {message}", shorten(&sql)))
+                    }
+                    other => other,
                 });
                 Err(error)
             }
-        }
-    }
-}
-
-impl Doom {
-    fn describe(&self) -> String {
-        match self {
-            Doom::Refused(message) | Doom::Failed(message) | Doom::Limit(_, message) => message.clone(),
-            Doom::HostFault(rejection) => rejection.to_string(),
         }
     }
 }

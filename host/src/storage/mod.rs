@@ -19,7 +19,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, Connection, PgPool, Row, Sqlite, SqlitePool, Transaction};
 
-use crate::answer::{Committed, LimitKind, Rejection, ReplyEvent};
+use crate::answer::{Committed, ReplyEvent};
+use crate::rejection::{LimitKind, Rejection};
 use crate::convert::{self, Rows, StatementError, StatementOutput, Value};
 use crate::decode::CloudEvent;
 use crate::manifest::Manifest;
