@@ -79,7 +79,8 @@ impl StatementError {
                     sqlx::error::ErrorKind::UniqueViolation
                     | sqlx::error::ErrorKind::ForeignKeyViolation
                     | sqlx::error::ErrorKind::NotNullViolation
-                    | sqlx::error::ErrorKind::CheckViolation => DbErrorKind::ConstraintViolation,
+                    | sqlx::error::ErrorKind::CheckViolation
+                    | sqlx::error::ErrorKind::ExclusionViolation => DbErrorKind::ConstraintViolation,
                     _ => DbErrorKind::Failed,
                 };
                 let message = db.message().to_owned();

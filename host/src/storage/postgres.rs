@@ -41,7 +41,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres, Row, Transaction};
 
-use super::{ACQUIRE_TIMEOUT, DbOptions, HOST_OWNER, check_applied, handler_tables, read_migrations};
+use super::migrate::{check_applied, handler_tables, read_migrations};
+use super::{ACQUIRE_TIMEOUT, DbOptions, HOST_OWNER};
 use crate::manifest::{HandlerSpec, Manifest};
 
 pub(super) static HOST_MIGRATIONS: &[(&str, &str)] = &[
