@@ -54,7 +54,7 @@
 //!             event.source(),
 //!             event.id(),
 //!         ],
-//!     )?; // a database error is retryable by default
+//!     )?; // retryable unless a retry cannot help (DbError::retry_can_help)
 //!
 //!     if inserted.is_empty() {
 //!         let rows = tx.query(

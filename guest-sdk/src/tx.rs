@@ -109,9 +109,11 @@ pub struct DbError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DbErrorKind {
     /// The host refused the statement before it reached the database (it
-    /// would end the transaction, holds several statements, is DDL or
-    /// touches the host's own tables). The event fails permanently (422),
-    /// whatever the handler returns.
+    /// would end the transaction, holds several statements, is DDL, touches
+    /// the host's own tables, or binds more or fewer values than its `$n`
+    /// placeholders), or the database's own wall refused it (no privilege
+    /// on PostgreSQL, SQLite's authorizer). The event fails permanently
+    /// (422), whatever the handler returns.
     Refused,
     /// A unique, foreign-key, not-null or check constraint was violated.
     ConstraintViolation,
