@@ -115,7 +115,8 @@ pub enum DbErrorKind {
     /// on PostgreSQL, SQLite's authorizer). The event fails permanently
     /// (422), whatever the handler returns.
     Refused,
-    /// A unique, foreign-key, not-null or check constraint was violated.
+    /// A unique, exclusion, foreign-key, not-null or check constraint was
+    /// violated.
     ConstraintViolation,
     /// Any other error the database reported (syntax, types, timeouts, ...).
     Failed,
