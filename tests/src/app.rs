@@ -124,28 +124,46 @@ pub struct HandlerLimits {
     pub max_body_bytes: Option<u64>,
 }
 
-impl HandlerLimits {
-    /// The body of the `[handler.limits]` table, one `key = value` a line.
-    fn toml_lines(&self) -> String {
-        let mut lines = String::new();
-        let mut push = |key: &str, value: Option<String>| {
-            if let Some(value) = value {
-                lines.push_str(&format!("{key} = {value}\n"));
-            }
-        };
-        let duration = |value: Option<Duration>| value.map(|d| toml_string(&duration_text(d)));
-        let number = |value: Option<u64>| value.map(|n| n.to_string());
-        push("deadline", duration(self.deadline));
-        push("memory_mib", number(self.memory_mib));
-        push("statement_timeout", duration(self.statement_timeout));
-        push("max_rows", number(self.max_rows));
-        push("max_result_bytes", number(self.max_result_bytes));
-        push("max_statements", number(self.max_statements));
-        push("max_log_bytes", number(self.max_log_bytes));
-        push("fuel", number(self.fuel));
-        push("max_reply_bytes", number(self.max_reply_bytes));
-        push("max_body_bytes", number(self.max_body_bytes));
-        lines
+/// The manifest's `[handler.limits]` table as `toml` writes it; each `None`
+/// is left out.
+#[derive(serde::Serialize)]
+struct LimitsTable {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    statement_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_result_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_statements: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_log_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fuel: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_reply_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_body_bytes: Option<u64>,
+}
+
+impl From<&HandlerLimits> for LimitsTable {
+    fn from(limits: &HandlerLimits) -> LimitsTable {
+        LimitsTable {
+            deadline: limits.deadline.map(duration_text),
+            memory_mib: limits.memory_mib,
+            statement_timeout: limits.statement_timeout.map(duration_text),
+            max_rows: limits.max_rows,
+            max_result_bytes: limits.max_result_bytes,
+            max_statements: limits.max_statements,
+            max_log_bytes: limits.max_log_bytes,
+            fuel: limits.fuel,
+            max_reply_bytes: limits.max_reply_bytes,
+            max_body_bytes: limits.max_body_bytes,
+        }
     }
 }
 
@@ -249,54 +267,41 @@ pub fn hostile_handler(limits: Option<HandlerLimits>) -> HandlerEntry {
     handler
 }
 
-/// The manifest's TOML, every path absolute.
-pub fn manifest_toml(handlers: &[HandlerEntry]) -> String {
-    let mut toml = String::new();
-    for handler in handlers {
-        let types: Vec<String> = handler
-            .types
-            .iter()
-            .map(|type_| toml_string(type_))
-            .collect();
-        toml.push_str(&format!(
-            "[[handler]]\nname = {}\ncomponent = {}\ntypes = [{}]\nmigrations = {}\n",
-            toml_string(&handler.name),
-            toml_string(&handler.component.display().to_string()),
-            types.join(", "),
-            toml_string(&handler.migrations.display().to_string()),
-        ));
-        if !handler.uses.is_empty() {
-            let uses: Vec<String> = handler
-                .uses
-                .iter()
-                .map(|table| toml_string(table))
-                .collect();
-            toml.push_str(&format!("uses = [{}]\n", uses.join(", ")));
-        }
-        if let Some(limits) = &handler.limits {
-            toml.push_str("\n[handler.limits]\n");
-            toml.push_str(&limits.toml_lines());
-        }
-        toml.push('\n');
-    }
-    toml
+/// One `[[handler]]` entry as `toml` writes it.
+#[derive(serde::Serialize)]
+struct HandlerTable<'a> {
+    name: &'a str,
+    component: String,
+    types: &'a [String],
+    migrations: String,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    uses: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limits: Option<LimitsTable>,
 }
 
-/// A TOML basic string.
-fn toml_string(value: &str) -> String {
-    let mut quoted = String::from("\"");
-    for character in value.chars() {
-        match character {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            character if character.is_control() => {
-                quoted.push_str(&format!("\\u{:04X}", character as u32))
-            }
-            character => quoted.push(character),
-        }
-    }
-    quoted.push('"');
-    quoted
+#[derive(serde::Serialize)]
+struct ManifestFile<'a> {
+    handler: Vec<HandlerTable<'a>>,
+}
+
+/// The manifest's TOML, every path absolute, written by the `toml` crate
+/// (the one the host reads it with).
+pub fn manifest_toml(handlers: &[HandlerEntry]) -> String {
+    let file = ManifestFile {
+        handler: handlers
+            .iter()
+            .map(|handler| HandlerTable {
+                name: &handler.name,
+                component: handler.component.display().to_string(),
+                types: &handler.types,
+                migrations: handler.migrations.display().to_string(),
+                uses: &handler.uses,
+                limits: handler.limits.as_ref().map(LimitsTable::from),
+            })
+            .collect(),
+    };
+    toml::to_string(&file).expect("a manifest always serializes")
 }
 
 /// Everything a test owns before the host starts: a temporary folder, a
@@ -780,18 +785,36 @@ fn tail(path: &Path, lines: usize) -> String {
 mod tests {
     use super::*;
 
+    /// The manifest as the host reads it: an array of handler tables.
+    fn parsed(handlers: &[HandlerEntry]) -> Vec<toml::Table> {
+        let text = manifest_toml(handlers);
+        let mut file: toml::Table = toml::from_str(&text).expect("valid TOML");
+        match file.remove("handler") {
+            Some(toml::Value::Array(entries)) => entries
+                .into_iter()
+                .map(|entry| match entry {
+                    toml::Value::Table(table) => table,
+                    other => panic!("a handler entry is not a table: {other:?}"),
+                })
+                .collect(),
+            other => panic!("no [[handler]] array: {other:?}\n{text}"),
+        }
+    }
+
     #[test]
     fn the_manifest_lists_every_handler_with_absolute_paths() {
-        let toml = manifest_toml(&standard_handlers());
-        assert_eq!(toml.matches("[[handler]]").count(), 3);
-        assert!(toml.contains("name = \"order-created\""));
-        assert!(toml.contains("types = [\"order.payment\"]"));
-        assert!(toml.contains("\"test.commit-multi\""));
+        let handlers = parsed(&standard_handlers());
+        assert_eq!(handlers.len(), 3);
+        assert_eq!(handlers[0]["name"].as_str(), Some("order-created"));
+        assert_eq!(handlers[1]["types"], toml::Value::Array(vec!["order.payment".into()]));
+        assert!(handlers[1]["uses"].as_array().is_some_and(|uses| uses.len() == 2));
+        assert!(handlers[0].get("uses").is_none(), "empty `uses` is left out");
         let root = repo_root().display().to_string();
-        assert!(toml.contains(&format!("component = \"{root}/dist/testkit.wasm\"")));
-        assert!(toml.contains(&format!(
-            "migrations = \"{root}/tests/handlers/testkit/migrations\""
-        )));
+        assert_eq!(handlers[2]["component"].as_str(), Some(format!("{root}/dist/testkit.wasm").as_str()));
+        assert_eq!(
+            handlers[2]["migrations"].as_str(),
+            Some(format!("{root}/tests/handlers/testkit/migrations").as_str())
+        );
     }
 
     #[test]
@@ -805,25 +828,19 @@ mod tests {
         };
         let mut handlers = standard_handlers();
         handlers.push(hostile_handler(Some(limits)));
-        let toml = manifest_toml(&handlers);
-        assert_eq!(toml.matches("[[handler]]").count(), 4);
-        assert_eq!(toml.matches("[handler.limits]").count(), 1);
-        let (before, table) = toml.split_once("[handler.limits]").unwrap();
-        // The table follows the hostile entry, so it belongs to it.
-        assert!(
-            before
-                .trim_end()
-                .ends_with("/tests/handlers/hostile/migrations\"")
-        );
-        assert_eq!(
-            table.trim(),
-            "deadline = \"2s\"\nmemory_mib = 64\nstatement_timeout = \"1500ms\"\nmax_rows = 10000"
-        );
-        assert!(toml.contains("\"hostile.update-other\""));
+        let handlers = parsed(&handlers);
+        assert_eq!(handlers.len(), 4);
+        assert!(handlers[..3].iter().all(|handler| handler.get("limits").is_none()));
+        let table = handlers[3]["limits"].as_table().expect("the hostile handler's limits");
+        let expected: toml::Table =
+            toml::from_str("deadline = \"2s\"\nmemory_mib = 64\nstatement_timeout = \"1500ms\"\nmax_rows = 10000").unwrap();
+        assert_eq!(table, &expected);
     }
 
     #[test]
-    fn toml_strings_are_escaped() {
-        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
+    fn names_that_need_escaping_survive() {
+        let mut handler = standard_handlers().remove(0);
+        handler.types = vec![r#"a"b\c"#.to_owned()];
+        assert_eq!(parsed(&[handler])[0]["types"][0].as_str(), Some(r#"a"b\c"#));
     }
 }
