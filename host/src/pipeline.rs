@@ -226,8 +226,10 @@ fn prepare_answer(handler: &LoadedHandler, event: &CloudEvent, outcome: Outcome)
 }
 
 /// The result is JSON that both backends store as it is: PostgreSQL's
-/// `jsonb` cannot hold U+0000 in a string, so such a result is the
-/// handler's bad outcome (422) on either backend, not a failed store (500).
+/// `jsonb` cannot hold U+0000 in a string, nor a number past its `numeric`
+/// range, so such a result is the handler's bad outcome (422) on either
+/// backend, not a failed store (500). Numbers are kept to a double's range
+/// (their digits are kept as written).
 fn check_result(result: &str) -> Result<(), String> {
     let json: serde_json::Value = serde_json::from_str(result).map_err(|e| format!("the result is not JSON: {e}"))?;
     let mut pending = vec![&json];
@@ -235,6 +237,9 @@ fn check_result(result: &str) -> Result<(), String> {
         match value {
             serde_json::Value::String(text) if text.contains('\0') => {
                 return Err("the result holds U+0000 in a string, which no stored result may (PostgreSQL's jsonb cannot)".into());
+            }
+            serde_json::Value::Number(number) if !number.as_f64().is_some_and(f64::is_finite) => {
+                return Err(format!("the result holds the number {number}, beyond a double, which no stored result may"));
             }
             serde_json::Value::Array(items) => pending.extend(items),
             serde_json::Value::Object(members) => {
@@ -341,7 +346,8 @@ mod tests {
         assert!(check_result(r#"{"a": ["x\u0000"]}"#).unwrap_err().contains("U+0000"));
         assert!(check_result(r#"{"a\u0000": 1}"#).unwrap_err().contains("member name"));
         assert!(check_result("{").unwrap_err().contains("not JSON"));
-        assert!(check_result("1e400").unwrap_err().contains("not JSON"), "beyond a double: jsonb-safe or refused");
+        assert!(check_result("[1e400]").unwrap_err().contains("beyond a double"), "beyond a double: refused");
+        assert!(check_result("[0.10000000000000000001, 18446744073709551617]").is_ok(), "precise, and within range");
     }
 
     #[test]

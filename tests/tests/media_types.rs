@@ -15,6 +15,7 @@ both_backends!(
     a_dead_letter_written_otherwise_is_stored_once,
     a_record_stored_by_an_older_version_still_replays,
     json_media_types_are_json_data_in_structured_mode,
+    json_numbers_are_compared_digit_for_digit,
 );
 
 /// `headers` with the one named `name` replaced (or added).
@@ -204,4 +205,28 @@ async fn json_media_types_are_json_data_in_structured_mode(backend: Backend) {
     assert!(error.message.contains("`data`") && error.message.contains("text/plain"), "{answer}");
     assert_eq!(app.processed_event(&other).await, None);
     assert_eq!(app.processed_count().await, content_types.len() as i64 + 1);
+}
+
+/// JSON data is compared as JSON (whitespace and member order do not
+/// count), but its numbers digit for digit: two payloads that differ only
+/// past a double's precision were taken for one event (202 replay, the
+/// second never processed). Found by a fresh attacker.
+async fn json_numbers_are_compared_digit_for_digit(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.count");
+    let first = br#"{"n": 18446744073709551616, "total": 99.95}"#;
+    post_with_content_type(&app, &event, "application/json", first).await.assert_processed();
+    // The same JSON written otherwise is the same payload.
+    let reordered = br#"{"total":99.95,"n":18446744073709551616}"#;
+    let again = post_with_content_type(&app, &event, "application/json", reordered).await;
+    assert!(again.is_replay(), "{again}");
+    for other in [
+        &br#"{"n": 18446744073709551617, "total": 99.95}"#[..],
+        &br#"{"n": 18446744073709551616, "total": 99.950000000000000001}"#[..],
+    ] {
+        post_with_content_type(&app, &event, "application/json", other)
+            .await
+            .assert_error(422, "key-reused");
+    }
+    assert_eq!(app.effects(&event).await, 1);
 }
