@@ -25,6 +25,7 @@ both_backends!(
     busy_database_answers_503_and_stores_nothing,
     dead_letters_may_be_larger_than_events,
     quota_answers_503_and_retention_frees_it,
+    events_with_many_extensions_are_taken,
 );
 
 /// What the Knative dispatcher adds to the event it dead-letters, after
@@ -828,4 +829,24 @@ async fn quota_answers_503_and_retention_frees_it(backend: Backend) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// An event with 300 extensions (each a header in binary mode) is taken on
+/// both paths: hyper's default of 100 header lines answered 431 and a
+/// dead letter refused so is lost (found by a fresh attacker).
+async fn events_with_many_extensions_are_taken(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.count");
+    let mut headers = event.binary_headers();
+    headers.extend((0..300).map(|n| (format!("ce-ext{n}"), format!("v{n}"))));
+    app.post(&headers, event.data_bytes()).await.assert_processed();
+    let failed = app.send_binary(&Event::new("test.permanent")).await;
+    headers.extend(knative_extensions(&failed, "http://x/"));
+    app.post_to("/dead-letter", &headers, event.data_bytes())
+        .await
+        .assert_accepted();
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["stored_as"], "event");
+    assert_eq!(items[0]["extensions"]["ext299"], "v299");
 }
