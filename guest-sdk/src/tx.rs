@@ -175,7 +175,7 @@ impl DbError {
     /// | [`DbErrorKind::Refused`] | no: the host refuses it every time |
     /// | [`DbErrorKind::Conversion`] | no: the value or the handler's reading of it is wrong |
     /// | a data exception: PostgreSQL SQLSTATE class `22` (a NUL in text, a value out of range, invalid input) | no |
-    /// | an integrity violation: not-null (`23502`, SQLite `1299`), check (`23514`, SQLite `275`), other class `23` and SQLite `CONSTRAINT` codes, SQLite `MISMATCH` (`20`), `TOOBIG` (`18`), `RANGE` (`25`) | no |
+    /// | an integrity violation: not-null (`23502`, SQLite `1299`), check (`23514`, SQLite `275`), other class `23` and SQLite `CONSTRAINT` codes, SQLite `MISMATCH` (`20`), `RANGE` (`25`) | no |
     /// | unique (`23505`, SQLite `2067`/`1555`), exclusion (`23P01`), foreign key (`23503`, SQLite `787`) | **yes**: a concurrent insert, or a parent row that arrives later, changes the outcome |
     /// | anything else the database reported (syntax, an unknown column, …) | yes (retried, then dead-lettered) |
     ///
@@ -194,7 +194,7 @@ impl DbError {
                 },
                 Some(sqlite) => match sqlite.parse::<u32>() {
                     Ok(2067 | 1555 | 787) => true,
-                    Ok(code) => !matches!(code & 0xff, 19 | 20 | 18 | 25),
+                    Ok(code) => !matches!(code & 0xff, 19 | 20 | 25),
                     Err(_) => true,
                 },
                 None => true,

@@ -95,6 +95,9 @@ impl StatementError {
                     ErrorClass::Unavailable => {
                         (kind, StatementFault::Database(Rejection::DatabaseUnavailable(message.clone())))
                     }
+                    // SQLITE_TOOBIG: past the length limit the host set,
+                    // as a result over the cap is on PostgreSQL.
+                    ErrorClass::TooBig => (kind, StatementFault::Limit(LimitKind::ResultBytes, message.clone())),
                     ErrorClass::Data | ErrorClass::Conflict | ErrorClass::Other => {
                         (kind, StatementFault::Failed(message.clone()))
                     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use exactly_e2e::app::exactly_binary;
 use exactly_e2e::{Backend, Event, TestApp, TestEnv, both_backends, json};
 
-both_backends!(data_errors_are_permanent_and_conflicts_retryable);
+both_backends!(data_errors_are_permanent_and_conflicts_retryable, a_value_past_sqlites_length_limit_is_a_limit);
 
 async fn data_errors_are_permanent_and_conflicts_retryable(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -97,4 +97,26 @@ async fn a_missing_privilege_stops_start_up_with_the_real_error() {
     assert!(stderr.contains("permission denied"), "{stderr}");
     assert!(!stderr.contains("not reachable"), "not an outage: {stderr}");
     eprintln!("stopped after {:?}", started.elapsed());
+}
+
+/// SQLite's `TOOBIG` comes from the length limit the host sets for the
+/// handler's statements: a sandbox limit, answered 500 `result-too-large`
+/// as PostgreSQL's result cap is (it was a data error, 422 through the
+/// SDK's `?`, found by a fresh attacker). PostgreSQL has no such limit on a
+/// value the query only measures.
+async fn a_value_past_sqlites_length_limit_is_a_limit(backend: Backend) {
+    let app = TestApp::spawn_with_hostile(backend, None).await;
+    let sql = "WITH RECURSIVE r(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM r WHERE length(s) < 100000000) \
+               SELECT max(length(s)) FROM r";
+    let event = Event::new("hostile.sql").with_data(json!({
+        "statements": [{"sql": sql, "params": [], "query": true}],
+        "result_from": null,
+    }));
+    let answer = app.send_binary(&event).await;
+    match backend {
+        Backend::Sqlite => {
+            answer.assert_error(500, "result-too-large");
+        }
+        Backend::Postgres => answer.assert_processed(),
+    }
 }

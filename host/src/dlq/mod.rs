@@ -54,10 +54,12 @@ pub const ERROR_CODE: &str = "knativeerrorcode";
 pub const ERROR_DATA: &str = "knativeerrordata";
 pub const ERROR_DEST: &str = "knativeerrordest";
 
-/// A cell on one line: control characters (newlines in error bodies)
-/// become spaces.
+/// A cell on one line: control characters (newlines in error bodies) and
+/// the bidirectional formatting characters (which could make text display
+/// reversed, `urn:\u{202e}gnp.exe` as `urn:exe.png`) become spaces.
 pub(super) fn one_line(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    text.chars().map(|c| if c.is_control() || bidi(c) { ' ' } else { c }).collect()
 }
 
 /// `knativeerrordata` decoded for people: the base64 Knative sends, as text
@@ -75,6 +77,12 @@ pub fn decode_error_data(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cells_show_no_control_or_bidi_characters() {
+        assert_eq!(one_line("a\nb\u{9b}c"), "a b c");
+        assert_eq!(one_line("urn:\u{202e}gnp.exe"), "urn: gnp.exe");
+    }
 
     #[test]
     fn error_data_is_decoded_when_it_is_base64_text() {

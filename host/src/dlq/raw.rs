@@ -28,7 +28,9 @@ pub struct Raw {
     pub code: Option<String>,
     pub error_data: Option<String>,
     pub dest: Option<String>,
-    /// `name: value\r\n` per header, in the order received.
+    /// `name: value\r\n` per header: names in lower case (HTTP/1 names
+    /// are case-insensitive; the server reads them so), the lines of one
+    /// name together in the order received, values byte for byte.
     pub headers: Vec<u8>,
     pub dedup_key: [u8; 32],
 }
@@ -74,11 +76,18 @@ impl Raw {
         };
         let attribute = |name: &str| header(&format!("ce-{name}")).or_else(|| member(name));
         let dest = attribute(ERROR_DEST);
-        match &dest {
+        // The destination as received, byte for byte: its printable form
+        // (decoded, escaped) would merge two destinations that differ only
+        // in bytes it cannot show.
+        let dest_raw = headers
+            .get(format!("ce-{ERROR_DEST}"))
+            .map(|value| value.as_bytes().to_vec())
+            .or_else(|| json.as_ref().and_then(|json| json.get(ERROR_DEST)).map(|value| value.to_string().into_bytes()));
+        match &dest_raw {
             None => hasher.update([0u8]),
             Some(dest) => {
                 hasher.update([1u8]);
-                hasher.update(dest.as_bytes());
+                hasher.update(dest);
             }
         }
         Raw {
@@ -161,6 +170,11 @@ mod tests {
         assert_ne!(first.dedup_key, other.dedup_key);
         let elsewhere = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrordest", "http://b")]), b"x");
         assert_ne!(first.dedup_key, elsewhere.dedup_key);
+        // Destinations that print alike are still two.
+        let ff = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrordest", "http://a/%FF")]), b"x");
+        let fe = Raw::of(&headers(&[("ce-id", "1"), ("ce-knativeerrordest", "http://a/%FE")]), b"x");
+        assert_eq!(ff.dest, fe.dest, "both print as U+FFFD");
+        assert_ne!(ff.dedup_key, fe.dedup_key);
         assert_eq!(Raw::of(&headers(&[]), b"{not json").id, "");
     }
 

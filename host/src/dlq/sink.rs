@@ -120,12 +120,17 @@ impl Letter {
     }
 
     /// The bytes the row stores, as the quota counts them: data, raw
-    /// headers, the extensions' JSON, the problem and the attributes' text.
-    /// For events, the same sum as migration 0004's for older rows.
+    /// headers, the extensions' JSON, Knative's three extensions again in
+    /// their own columns, the problem and the attributes' text. (Rows
+    /// stored before the three columns counted were summed without them by
+    /// migration 0004.)
     pub fn stored_bytes(&self) -> u64 {
         let optional = |value: &Option<String>| value.as_ref().map_or(0, String::len);
         (self.data.as_ref().map_or(0, Vec::len)
             + self.raw_headers.as_ref().map_or(0, Vec::len)
+            + optional(&self.code)
+            + optional(&self.error_data)
+            + optional(&self.dest)
             + self.extensions.len()
             + optional(&self.problem)
             + self.source.len()
@@ -140,7 +145,8 @@ impl Letter {
 
 /// Why a valid event cannot be stored attribute by attribute: PostgreSQL's
 /// `text` and `jsonb` cannot hold U+0000, and the CloudEvents type system
-/// does not allow it in a String. Checked on both backends, so a dead
+/// does not allow it in a String; and a datacontenttype that is no header
+/// value could not be replayed. Checked on both backends, so a dead
 /// letter is stored the same way whichever database holds it.
 fn unstorable(event: &CloudEvent) -> Option<String> {
     let attributes = [
@@ -153,11 +159,20 @@ fn unstorable(event: &CloudEvent) -> Option<String> {
         ("dataschema", event.dataschema.as_ref()),
     ];
     let extensions = event.extensions.iter().map(|(name, value)| (name.as_str(), Some(value)));
-    attributes
+    let nul = attributes
         .into_iter()
         .chain(extensions)
         .find(|(_, value)| value.is_some_and(|v| v.contains('\0')))
-        .map(|(name, _)| format!("the attribute {name} contains U+0000 (NUL), which no attribute may hold"))
+        .map(|(name, _)| format!("the attribute {name} contains U+0000 (NUL), which no attribute may hold"));
+    // `dlq replay` sends datacontenttype as the Content-Type header, which
+    // cannot be percent-encoded: one that is no header value would make the
+    // dead letter impossible to replay.
+    let unsendable = event
+        .datacontenttype
+        .as_deref()
+        .filter(|content_type| http::HeaderValue::from_str(content_type).is_err())
+        .map(|_| "the attribute datacontenttype is not a valid Content-Type header value".to_owned());
+    nul.or(unsendable)
 }
 
 /// Stores a dead letter; `Ok` means the row is committed.
@@ -328,8 +343,9 @@ mod tests {
         let extensions = r#"{"knativeerrorcode":"500"}"#;
         let letter = Letter::event(&dead, &http::HeaderMap::new(), b"{}");
         assert_eq!(letter.problem(), None);
-        // data "{}", the extensions' JSON, source, id, type, datacontenttype.
-        assert_eq!(letter.stored_bytes(), (2 + extensions.len() + 5 + 1 + 1 + 16) as u64);
+        // data "{}", the extensions' JSON, the error code again in its own
+        // column, source, id, type, datacontenttype.
+        assert_eq!(letter.stored_bytes(), (2 + extensions.len() + 3 + 5 + 1 + 1 + 16) as u64);
         let over = Rejection::DeadLetterQuota { size: 10, pending: 95, quota: 100 };
         assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE, "never a 4xx: the dispatcher would drop it");
         assert_eq!(over.code(), "dead-letter-quota");
@@ -359,5 +375,8 @@ mod tests {
         let mut in_extension = event(&[("traceparent", "x\0")]);
         in_extension.subject = None;
         assert!(Letter::event(&in_extension, &headers, b"{}").problem().is_some_and(|p| p.contains("traceparent")));
+        let mut newline = event(&[]);
+        newline.datacontenttype = Some("text/plain\n".into());
+        assert!(Letter::event(&newline, &headers, b"{}").problem().is_some_and(|p| p.contains("datacontenttype")));
     }
 }

@@ -32,12 +32,16 @@ pub enum ErrorClass {
     /// The database refused on principle: `42501` insufficient privilege;
     /// SQLite `AUTH` (the authorizer). For a handler, a refusal (422).
     Privilege,
+    /// A value past a size limit the host set for the database (SQLite
+    /// `TOOBIG`: `SQLITE_LIMIT_LENGTH`): for a handler, its result-size
+    /// limit (500 `result-too-large`, as PostgreSQL's result cap answers).
+    TooBig,
     /// The data can never be stored as it is: data exceptions (class `22`:
     /// a NUL in text, a value out of range, invalid input syntax) and the
     /// integrity violations a retry cannot cure (not-null `23502`, check
     /// `23514`, restrict `23001`, `23000`); SQLite `CONSTRAINT_NOTNULL`,
     /// `CONSTRAINT_CHECK`, `CONSTRAINT_DATATYPE` and other constraints not
-    /// listed under [`ErrorClass::Conflict`], `MISMATCH`, `TOOBIG`, `RANGE`.
+    /// listed under [`ErrorClass::Conflict`], `MISMATCH`, `RANGE`.
     Data,
     /// A conflict with another row that another transaction may resolve:
     /// unique `23505`, exclusion `23P01`, foreign key `23503` (the parent
@@ -105,7 +109,8 @@ impl ErrorClass {
         const CONSTRAINT_UNIQUE: u32 = 2067;
         match (extended & 0xff, extended) {
             (19, CONSTRAINT_UNIQUE | CONSTRAINT_PRIMARYKEY | CONSTRAINT_FOREIGNKEY) => Conflict,
-            (19 | 20 | 18 | 25, _) => Data,
+            (18, _) => TooBig,
+            (19 | 20 | 25, _) => Data,
             (5 | 6, _) => Contention,
             (9, _) => Timeout,
             (23, _) => Privilege,
@@ -185,7 +190,7 @@ mod tests {
             (275, Data),  // CONSTRAINT_CHECK
             (3091, Data), // CONSTRAINT_DATATYPE
             (20, Data),
-            (18, Data),
+            (18, TooBig),
             (1, Other),
             (11, Other),
             (17, Other),
