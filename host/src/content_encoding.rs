@@ -50,6 +50,11 @@ pub fn decode_body(headers: &HeaderMap, body: Vec<u8>, limit: usize) -> Result<V
         .to_str()
         .map_err(|_| Rejection::InvalidEvent("the Content-Encoding header is not visible ASCII".into()))?;
     let codings = parse(value)?;
+    // No body, nothing encoded: some clients label an empty body with
+    // the encoding they would have used.
+    if body.is_empty() {
+        return Ok(body);
+    }
     let mut body = body;
     // Listed in the order they were applied: undone last first.
     for coding in codings.into_iter().rev() {
@@ -148,6 +153,9 @@ mod tests {
         let mut twice = gzip(b"ab");
         twice.extend(gzip(b"cd"));
         assert_eq!(decode("gzip", twice, 10).unwrap(), b"abcd");
+        // An empty body labelled with an encoding is an empty body.
+        assert_eq!(decode("gzip", Vec::new(), 10).unwrap(), b"");
+        assert!(matches!(decode("br", Vec::new(), 10), Err(Rejection::UnsupportedEncoding(_))));
     }
 
     #[test]
