@@ -20,19 +20,88 @@ use crate::rejection::Rejection;
 use crate::media_type;
 
 /// A delivered CloudEvent (spec version 1.0), attributes as text.
+///
+/// Made only by [`decode`] (parsed once, at the edge), so one that exists
+/// is valid; its fields are read through the accessors and never changed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudEvent {
-    pub id: String,
-    pub source: String,
-    pub ty: String,
-    pub subject: Option<String>,
+    id: String,
+    source: String,
+    ty: String,
+    subject: Option<String>,
+    time: Option<String>,
+    datacontenttype: Option<String>,
+    dataschema: Option<String>,
+    extensions: Vec<(String, String)>,
+    data: Option<Vec<u8>>,
+}
+
+impl CloudEvent {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The `type` attribute.
+    pub fn ty(&self) -> &str {
+        &self.ty
+    }
+
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
     /// RFC 3339.
-    pub time: Option<String>,
-    pub datacontenttype: Option<String>,
-    pub dataschema: Option<String>,
-    /// Lower-case names, sorted.
-    pub extensions: Vec<(String, String)>,
-    pub data: Option<Vec<u8>>,
+    pub fn time(&self) -> Option<&str> {
+        self.time.as_deref()
+    }
+
+    pub fn datacontenttype(&self) -> Option<&str> {
+        self.datacontenttype.as_deref()
+    }
+
+    pub fn dataschema(&self) -> Option<&str> {
+        self.dataschema.as_deref()
+    }
+
+    /// Extension attributes: lower-case names, sorted, values as text.
+    pub fn extensions(&self) -> &[(String, String)] {
+        &self.extensions
+    }
+
+    /// The data bytes (structured mode: the `data` member as JSON text, or
+    /// the decoded `data_base64`).
+    pub fn data(&self) -> Option<&[u8]> {
+        self.data.as_deref()
+    }
+
+    /// An event as a test needs it, built without a request.
+    #[cfg(test)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn for_tests(
+        id: &str,
+        source: &str,
+        ty: &str,
+        subject: Option<&str>,
+        datacontenttype: Option<&str>,
+        extensions: &[(&str, &str)],
+        data: Option<&[u8]>,
+    ) -> CloudEvent {
+        CloudEvent {
+            id: id.into(),
+            source: source.into(),
+            ty: ty.into(),
+            subject: subject.map(Into::into),
+            time: None,
+            datacontenttype: datacontenttype.map(Into::into),
+            dataschema: None,
+            extensions: extensions.iter().map(|(n, v)| ((*n).into(), (*v).into())).collect(),
+            data: data.map(<[u8]>::to_vec),
+        }
+    }
 }
 
 pub const SPEC_VERSION: &str = "1.0";

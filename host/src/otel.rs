@@ -146,7 +146,7 @@ impl Extractor for Extensions<'_> {
 }
 
 fn extension<'a>(event: &'a CloudEvent, name: &str) -> Option<&'a str> {
-    event.extensions.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    event.extensions().iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
 }
 
 /// Makes the event's W3C trace context (its `traceparent` and `tracestate`
@@ -157,7 +157,7 @@ pub fn set_parent(span: &tracing::Span, event: &CloudEvent) {
     if !EXPORTING.load(Ordering::Relaxed) || extension(event, "traceparent").and_then(trace_id).is_none() {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&Extensions(&event.extensions));
+    let parent = TraceContextPropagator::new().extract(&Extensions(event.extensions()));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
@@ -215,17 +215,7 @@ mod tests {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
     fn event(extensions: &[(&str, &str)]) -> CloudEvent {
-        CloudEvent {
-            id: "1".into(),
-            source: "s".into(),
-            ty: "t".into(),
-            subject: None,
-            time: None,
-            datacontenttype: None,
-            dataschema: None,
-            extensions: extensions.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
-            data: None,
-        }
+        CloudEvent::for_tests("1", "s", "t", None, None, extensions, None)
     }
 
     #[test]

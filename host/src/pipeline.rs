@@ -90,8 +90,8 @@ impl Pipeline {
         check_identity(event)?;
         let handler = self
             .runtime
-            .route(&event.ty)
-            .ok_or_else(|| Rejection::NoHandler(event.ty.clone()))?;
+            .route(event.ty())
+            .ok_or_else(|| Rejection::NoHandler(event.ty().to_owned()))?;
         tracing::Span::current().record("handler", handler.name.as_str());
         let mut timings = EventTimings::default();
         // A second run only when the first found its session's cached
@@ -117,7 +117,7 @@ impl Pipeline {
         timings: &mut EventTimings,
         may_run_again: bool,
     ) -> Result<Option<Processed>, Rejection> {
-        let size = event.data.as_ref().map_or(0, Vec::len) as u64;
+        let size = event.data().map_or(0, <[u8]>::len) as u64;
         if size > handler.limits.max_body_bytes {
             return Err(Rejection::PayloadTooLarge(handler.limits.max_body_bytes as usize));
         }
@@ -135,7 +135,7 @@ impl Pipeline {
                 tx.rollback().await;
                 timings.database += started.elapsed();
                 if stored != payload_sha256 && stored != event.legacy_payload_sha256() {
-                    return Err(Rejection::KeyReused { event_source: event.source.clone(), id: event.id.clone() });
+                    return Err(Rejection::KeyReused { event_source: event.source().to_owned(), id: event.id().to_owned() });
                 }
                 return Ok(Some(Processed { answer: *answer, replay: true, handler: handler.name.clone() }));
             }
@@ -199,7 +199,7 @@ impl Pipeline {
 pub const MAX_IDENTITY_BYTES: usize = 1024;
 
 fn check_identity(event: &CloudEvent) -> Result<(), Rejection> {
-    for (name, value) in [("source", &event.source), ("id", &event.id)] {
+    for (name, value) in [("source", event.source()), ("id", event.id())] {
         if value.len() > MAX_IDENTITY_BYTES {
             return Err(Rejection::InvalidEvent(format!(
                 "attribute `{name}` is {} bytes; exactly takes at most {MAX_IDENTITY_BYTES} bytes (it is the key exactly-once is kept by)",
@@ -307,7 +307,7 @@ fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent)
         );
     }
     Ok(ReplyEvent {
-        id: reply_id(&event.source, &event.id).to_string(),
+        id: reply_id(event.source(), event.id()).to_string(),
         source: reply.source.unwrap_or_else(|| format!("/exactly/{}", handler.name)),
         ty: reply.type_,
         subject: reply.subject,

@@ -270,15 +270,15 @@ impl App {
         let app = self.clone();
         let span = tracing::info_span!(
             "event",
-            source = %event.source,
-            id = %event.id,
-            r#type = %event.ty,
+            source = %event.source(),
+            id = %event.id(),
+            r#type = %event.ty(),
             handler = tracing::field::Empty,
             outcome = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
         if let Some(trace_id) = event
-            .extensions
+            .extensions()
             .iter()
             .find(|(name, _)| name == "traceparent")
             .and_then(|(_, value)| otel::trace_id(value))
@@ -299,7 +299,7 @@ impl App {
                     Err(rejection) => Outcome::of(rejection.status().as_u16(), false),
                 };
                 tracing::Span::current().record("outcome", outcome.label());
-                app.metrics.event_answered(&event.ty, outcome, elapsed);
+                app.metrics.event_answered(event.ty(), outcome, elapsed);
                 drop(in_flight);
                 match &result {
                     Ok(processed) => tracing::info!(

@@ -264,9 +264,9 @@ fn check(result: Result<CloudEvent, Rejection>) -> Result<(), TestCaseError> {
     match result {
         Ok(event) => {
             for (name, value) in [
-                ("id", &event.id),
-                ("source", &event.source),
-                ("type", &event.ty),
+                ("id", event.id()),
+                ("source", event.source()),
+                ("type", event.ty()),
             ] {
                 prop_assert!(
                     !value.is_empty(),
@@ -281,7 +281,7 @@ fn check(result: Result<CloudEvent, Rejection>) -> Result<(), TestCaseError> {
                     event
                 );
             }
-            for (name, _) in &event.extensions {
+            for (name, _) in event.extensions() {
                 prop_assert!(
                     !name.is_empty()
                         && name
@@ -293,7 +293,7 @@ fn check(result: Result<CloudEvent, Rejection>) -> Result<(), TestCaseError> {
                 );
             }
             prop_assert!(
-                event.extensions.windows(2).all(|w| w[0] <= w[1]),
+                event.extensions().windows(2).all(|w| w[0] <= w[1]),
                 "extensions not sorted: {:?}",
                 event
             );
@@ -362,12 +362,12 @@ proptest! {
         }
         headers.append(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let event = decode(&headers, data.clone()).map_err(|e| TestCaseError::fail(format!("refused a valid event: {e}")))?;
-        prop_assert_eq!(&event.id, &id);
-        prop_assert_eq!(&event.source, &source);
-        prop_assert_eq!(&event.ty, &ty);
-        prop_assert_eq!(&event.subject, &subject);
-        prop_assert_eq!(event.extensions.clone(), extension.clone().into_iter().collect::<Vec<_>>());
-        prop_assert_eq!(event.data.clone().unwrap_or_default(), data.clone());
+        prop_assert_eq!(event.id(), id.as_str());
+        prop_assert_eq!(event.source(), source.as_str());
+        prop_assert_eq!(event.ty(), ty.as_str());
+        prop_assert_eq!(event.subject(), subject.as_deref());
+        prop_assert_eq!(event.extensions().to_vec(), extension.clone().into_iter().collect::<Vec<_>>());
+        prop_assert_eq!(event.data().unwrap_or_default(), data.as_slice());
 
         let mut document = serde_json::json!({
             "specversion": "1.0", "id": id, "source": source, "type": ty,
@@ -439,10 +439,10 @@ fn named_bad_inputs_are_refused_with_a_message() {
     assert!(refusal(&duplicate, b"").contains("more than once"));
 
     let event = decode(&with(("ce-subject", b"caf%C3%A9%20au%20lait")), vec![]).unwrap();
-    assert_eq!(event.subject.as_deref(), Some("café au lait"));
+    assert_eq!(event.subject(), Some("café au lait"));
     let event = decode(&with(("ce-MyExt", b"v")), vec![]).unwrap();
-    assert_eq!(event.extensions, [("myext".to_owned(), "v".to_owned())]);
-    assert_eq!(event.datacontenttype, None);
+    assert_eq!(event.extensions(), [("myext".to_owned(), "v".to_owned())]);
+    assert_eq!(event.datacontenttype(), None);
 
     let structured = |body: &[u8]| {
         let mut headers = HeaderMap::new();

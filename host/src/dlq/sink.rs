@@ -63,23 +63,23 @@ impl Letter {
         if let Some(problem) = unstorable(event) {
             return Letter::raw(headers, body, problem);
         }
-        let extension = |name: &str| event.extensions.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let extension = |name: &str| event.extensions().iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
         let dest = extension(ERROR_DEST);
         let extensions: serde_json::Map<String, serde_json::Value> = event
-            .extensions
+            .extensions()
             .iter()
             .map(|(name, value)| (name.clone(), serde_json::Value::String(value.clone())))
             .collect();
         Letter {
-            source: event.source.clone(),
-            id: event.id.clone(),
-            ty: event.ty.clone(),
-            subject: event.subject.clone(),
-            time: event.time.clone(),
-            datacontenttype: event.datacontenttype.clone(),
-            dataschema: event.dataschema.clone(),
+            source: event.source().to_owned(),
+            id: event.id().to_owned(),
+            ty: event.ty().to_owned(),
+            subject: event.subject().map(str::to_owned),
+            time: event.time().map(str::to_owned),
+            datacontenttype: event.datacontenttype().map(str::to_owned),
+            dataschema: event.dataschema().map(str::to_owned),
             extensions: serde_json::Value::Object(extensions).to_string(),
-            data: event.data.clone(),
+            data: event.data().map(<[u8]>::to_vec),
             code: extension(ERROR_CODE),
             error_data: extension(ERROR_DATA),
             dedup_key: dedup_key(event, dest.as_deref()),
@@ -150,15 +150,15 @@ impl Letter {
 /// letter is stored the same way whichever database holds it.
 fn unstorable(event: &CloudEvent) -> Option<String> {
     let attributes = [
-        ("source", Some(&event.source)),
-        ("id", Some(&event.id)),
-        ("type", Some(&event.ty)),
-        ("subject", event.subject.as_ref()),
-        ("time", event.time.as_ref()),
-        ("datacontenttype", event.datacontenttype.as_ref()),
-        ("dataschema", event.dataschema.as_ref()),
+        ("source", Some(event.source())),
+        ("id", Some(event.id())),
+        ("type", Some(event.ty())),
+        ("subject", event.subject()),
+        ("time", event.time()),
+        ("datacontenttype", event.datacontenttype()),
+        ("dataschema", event.dataschema()),
     ];
-    let extensions = event.extensions.iter().map(|(name, value)| (name.as_str(), Some(value)));
+    let extensions = event.extensions().iter().map(|(name, value)| (name.as_str(), Some(value.as_str())));
     let nul = attributes
         .into_iter()
         .chain(extensions)
@@ -168,8 +168,7 @@ fn unstorable(event: &CloudEvent) -> Option<String> {
     // cannot be percent-encoded: one that is no header value would make the
     // dead letter impossible to replay.
     let unsendable = event
-        .datacontenttype
-        .as_deref()
+        .datacontenttype()
         .filter(|content_type| http::HeaderValue::from_str(content_type).is_err())
         .map(|_| "the attribute datacontenttype is not a valid Content-Type header value".to_owned());
     nul.or(unsendable)
@@ -295,7 +294,7 @@ pub fn accepted() -> Response<Body> {
 /// `(source, id)` and the dead letter's destination, each length-prefixed.
 fn dedup_key(event: &CloudEvent, dest: Option<&str>) -> [u8; 32] {
     let mut hasher = Sha256::new();
-    for part in [event.source.as_bytes(), event.id.as_bytes(), &event.payload_sha256()] {
+    for part in [event.source().as_bytes(), event.id().as_bytes(), &event.payload_sha256()] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part);
     }
@@ -324,17 +323,7 @@ mod tests {
     use super::*;
 
     fn event(extensions: &[(&str, &str)]) -> CloudEvent {
-        CloudEvent {
-            id: "1".into(),
-            source: "urn:s".into(),
-            ty: "t".into(),
-            subject: None,
-            time: None,
-            datacontenttype: Some("application/json".into()),
-            dataschema: None,
-            extensions: extensions.iter().map(|(n, v)| ((*n).into(), (*v).into())).collect(),
-            data: Some(b"{}".to_vec()),
-        }
+        CloudEvent::for_tests("1", "urn:s", "t", None, Some("application/json"), extensions, Some(b"{}"))
     }
 
     #[test]
@@ -358,8 +347,8 @@ mod tests {
         assert_eq!(dedup_key(&first, Some("http://a")), dedup_key(&again, Some("http://a")));
         assert_ne!(dedup_key(&first, Some("http://a")), dedup_key(&first, Some("http://b")));
         assert_ne!(dedup_key(&first, Some("http://a")), dedup_key(&first, None));
-        let mut other_payload = first.clone();
-        other_payload.data = Some(b"{\"a\":1}".to_vec());
+        let other_payload =
+            CloudEvent::for_tests("1", "urn:s", "t", None, Some("application/json"), &[(ERROR_CODE, "500")], Some(b"{\"a\":1}"));
         assert_ne!(dedup_key(&first, None), dedup_key(&other_payload, None));
     }
 
@@ -367,16 +356,13 @@ mod tests {
     fn an_event_with_a_nul_in_any_attribute_is_kept_raw() {
         let mut headers = http::HeaderMap::new();
         headers.insert("ce-subject", "a%00b".parse().unwrap());
-        let mut nul = event(&[]);
-        nul.subject = Some("a\0b".into());
+        let nul = CloudEvent::for_tests("1", "urn:s", "t", Some("a\0b"), Some("application/json"), &[], Some(b"{}"));
         let letter = Letter::event(&nul, &headers, b"{}");
         assert!(letter.problem().is_some_and(|p| p.contains("subject")), "{letter:?}");
         assert_eq!(letter.raw_headers.as_deref(), Some(&b"ce-subject: a%00b\r\n"[..]));
-        let mut in_extension = event(&[("traceparent", "x\0")]);
-        in_extension.subject = None;
+        let in_extension = event(&[("traceparent", "x\0")]);
         assert!(Letter::event(&in_extension, &headers, b"{}").problem().is_some_and(|p| p.contains("traceparent")));
-        let mut newline = event(&[]);
-        newline.datacontenttype = Some("text/plain\n".into());
+        let newline = CloudEvent::for_tests("1", "urn:s", "t", None, Some("text/plain\n"), &[], Some(b"{}"));
         assert!(Letter::event(&newline, &headers, b"{}").problem().is_some_and(|p| p.contains("datacontenttype")));
     }
 }

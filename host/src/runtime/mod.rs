@@ -268,8 +268,8 @@ impl Runtime {
             tx: Some(tx),
             policy: guards.policy.clone(),
             handler: Arc::from(handler.name.as_str()),
-            event_source: event.source.clone(),
-            event_id: event.id.clone(),
+            event_source: event.source().to_owned(),
+            event_id: event.id().to_owned(),
             limits,
             statements: 0,
             database_time: Duration::ZERO,
@@ -630,16 +630,16 @@ fn virtual_memory_limit() -> Option<u64> {
 
 fn to_wit_event(event: &CloudEvent) -> types::Event {
     types::Event {
-        id: event.id.clone(),
-        source: event.source.clone(),
-        type_: event.ty.clone(),
+        id: event.id().to_owned(),
+        source: event.source().to_owned(),
+        type_: event.ty().to_owned(),
         specversion: crate::decode::SPEC_VERSION.to_owned(),
-        subject: event.subject.clone(),
-        time: event.time.clone(),
-        datacontenttype: event.datacontenttype.clone(),
-        dataschema: event.dataschema.clone(),
-        extensions: event.extensions.clone(),
-        data: event.data.clone(),
+        subject: event.subject().map(str::to_owned),
+        time: event.time().map(str::to_owned),
+        datacontenttype: event.datacontenttype().map(str::to_owned),
+        dataschema: event.dataschema().map(str::to_owned),
+        extensions: event.extensions().to_vec(),
+        data: event.data().map(<[u8]>::to_vec),
     }
 }
 
@@ -663,7 +663,7 @@ fn log_stdio(handler: &str, event: &CloudEvent, printed: &[u8]) {
     if printed.is_empty() {
         return;
     }
-    let (source, id) = (log::printable(&event.source), log::printable(&event.id));
+    let (source, id) = (log::printable(event.source()), log::printable(event.id()));
     for line in String::from_utf8_lossy(printed).lines() {
         let line = log::printable(line);
         tracing::info!(target: "exactly::handler", handler, %source, %id, stdio = true, "{line}");

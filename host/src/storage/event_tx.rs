@@ -39,7 +39,7 @@ impl EventTx {
     pub async fn claim(&mut self, event: &CloudEvent, handler: &str, payload_sha256: &[u8]) -> Result<Claim, Rejection> {
         let stored: (Vec<u8>, Option<i16>, Option<String>) = match self {
             EventTx::Postgres(session) => {
-                let proof = session.key.proof(&event.source, &event.id);
+                let proof = session.key.proof(event.source(), event.id());
                 // SQL PREPARE and DEALLOCATE share the namespace of the
                 // driver's named statements, so a handler could replace a
                 // cached statement of the host's and have it bind the event's
@@ -50,10 +50,10 @@ impl EventTx {
                 let (claimed, backend_pid, xact): (Option<bool>, i32, Option<String>) = sqlx::query_as(
                     "SELECT exactly.claim_event($1, $2, $3, $4, $5, $6), pg_backend_pid(), pg_current_xact_id_if_assigned()::text",
                 )
-                        .bind(&event.source)
-                        .bind(&event.id)
+                        .bind(event.source())
+                        .bind(event.id())
                         .bind(&proof)
-                        .bind(&event.ty)
+                        .bind(event.ty())
                         .bind(handler)
                         .bind(payload_sha256)
                         .fetch_one(session.connection())
@@ -65,8 +65,8 @@ impl EventTx {
                     return Ok(Claim::Owned);
                 }
                 let row = sqlx::query("SELECT payload_sha256, status, reply FROM exactly.committed_answer($1, $2, $3)")
-                    .bind(&event.source)
-                    .bind(&event.id)
+                    .bind(event.source())
+                    .bind(event.id())
                     .bind(&proof)
                     .fetch_optional(session.connection())
                     .await
@@ -83,9 +83,9 @@ impl EventTx {
                     "INSERT INTO exactly_processed_events (source, id, type, handler, payload_sha256)
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (source, id) DO NOTHING",
                 )
-                .bind(&event.source)
-                .bind(&event.id)
-                .bind(&event.ty)
+                .bind(event.source())
+                .bind(event.id())
+                .bind(event.ty())
                 .bind(handler)
                 .bind(payload_sha256)
                 .execute(&mut **tx)
@@ -98,8 +98,8 @@ impl EventTx {
                 let row = sqlx::query(
                     "SELECT payload_sha256, status, reply FROM exactly_processed_events WHERE source = ?1 AND id = ?2",
                 )
-                .bind(&event.source)
-                .bind(&event.id)
+                .bind(event.source())
+                .bind(event.id())
                 .fetch_one(&mut **tx)
                 .await
                 .map_err(classify)?;
@@ -150,8 +150,8 @@ impl EventTx {
                 // its receipt. (Whether the transaction is still the
                 // event's is checked with the COMMIT: `EventSession::finish`.)
                 let receipt: Option<Vec<u8>> = sqlx::query_scalar("SELECT exactly.store_answer($1, $2, $3, $4, $5)")
-                    .bind(&event.source)
-                    .bind(&event.id)
+                    .bind(event.source())
+                    .bind(event.id())
                     .bind(status)
                     .bind(reply.as_deref())
                     .bind(result)
@@ -179,8 +179,8 @@ impl EventTx {
                 let updated = sqlx::query(
                     "UPDATE exactly_processed_events SET status = ?3, reply = ?4, result = ?5 WHERE source = ?1 AND id = ?2",
                 )
-                .bind(&event.source)
-                .bind(&event.id)
+                .bind(event.source())
+                .bind(event.id())
                 .bind(status)
                 .bind(reply)
                 .bind(result)
