@@ -395,6 +395,26 @@ impl TestEnv {
             .expect("run exactly dlq")
     }
 
+    /// `exactly dlq list --json <filters…>`: the stored dead letters,
+    /// newest first; panics when the command fails or prints no array.
+    pub async fn dlq_list_json(&self, filters: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["list", "--json"];
+        args.extend_from_slice(filters);
+        let output = self.dlq(&args).await;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "exactly dlq {} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        match serde_json::from_str(&stdout) {
+            Ok(serde_json::Value::Array(items)) => items,
+            other => panic!("`exactly dlq list --json` did not print a JSON array ({other:?}):\n{stdout}"),
+        }
+    }
+
     /// Runs `exactly migrate` to the end.
     pub async fn migrate(&self) -> Output {
         let mut command = self.exactly();

@@ -147,3 +147,15 @@ mod tests {
         );
     }
 }
+
+/// The extensions the Knative dispatcher adds to an event it dead-letters
+/// (as `ce-*` headers): the last answer's status and body (base64) and
+/// where the event was going.
+pub fn knative_extensions(status: u16, body: &[u8], dest: &str) -> Vec<(String, String)> {
+    use base64::Engine;
+    vec![
+        ("ce-knativeerrorcode".into(), status.to_string()),
+        ("ce-knativeerrordata".into(), base64::engine::general_purpose::STANDARD.encode(body)),
+        ("ce-knativeerrordest".into(), dest.to_owned()),
+    ]
+}

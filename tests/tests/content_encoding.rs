@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use exactly_e2e::{Backend, Event, TestApp, TestEnv, both_backends, json};
+use exactly_e2e::{Backend, Event, TestApp, both_backends, json};
 use flate2::Compression;
 use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
 
@@ -162,14 +162,11 @@ async fn compressed_dead_letters_are_stored_decoded(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let event = Event::new("test.count").with_data(json!({"n": 1}));
     let mut headers = event.binary_headers();
-    headers.extend([
-        ("ce-knativeerrorcode".to_owned(), "422".to_owned()),
-        ("ce-knativeerrordest".to_owned(), format!("{}/", app.address)),
-    ]);
+    headers.extend(exactly_e2e::event::knative_extensions(422, b"", &format!("{}/", app.address)));
     app.post_to("/dead-letter", &encoded(headers, "gzip"), gzip(&event.data_bytes()))
         .await
         .assert_status(202);
-    let listed = list_json(app.env()).await;
+    let listed = app.env().dlq_list_json(&[]).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["data"], json!("{\"n\":1}"), "{listed:?}");
     assert_eq!(listed[0]["stored_as"], "event");
@@ -185,17 +182,11 @@ async fn compressed_dead_letters_are_stored_decoded(backend: Backend) {
     app.post_to("/dead-letter", &encoded(corrupt.binary_headers(), "gzip"), b"not gzip".to_vec())
         .await
         .assert_status(202);
-    let listed = list_json(app.env()).await;
+    let listed = app.env().dlq_list_json(&[]).await;
     assert_eq!(listed.len(), 3, "{listed:?}");
     for (item, coding) in listed[..2].iter().zip(["gzip", "br"]) {
         assert_eq!(item["stored_as"], "raw", "{item:?}");
         let headers = item["raw_headers"].as_str().unwrap_or_default();
         assert!(headers.contains(&format!("content-encoding: {coding}\r\n")), "{headers}");
     }
-}
-
-async fn list_json(env: &TestEnv) -> Vec<serde_json::Value> {
-    let output = env.dlq(&["list", "--json"]).await;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("a JSON array")
 }

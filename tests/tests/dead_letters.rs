@@ -31,14 +31,7 @@ both_backends!(
 /// What the Knative dispatcher adds to the event it dead-letters, after
 /// `failed` was the subscriber's last answer.
 fn knative_extensions(failed: &Answer, dest: &str) -> Vec<(String, String)> {
-    vec![
-        ("ce-knativeerrorcode".into(), failed.status.to_string()),
-        (
-            "ce-knativeerrordata".into(),
-            base64::engine::general_purpose::STANDARD.encode(&failed.body),
-        ),
-        ("ce-knativeerrordest".into(), dest.to_owned()),
-    ]
+    exactly_e2e::event::knative_extensions(failed.status, &failed.body, dest)
 }
 
 /// The dead letter in binary mode: the event's own headers plus Knative's.
@@ -89,18 +82,7 @@ fn stdout_of(output: &Output, what: &str) -> String {
 }
 
 async fn list_json(env: &TestEnv, filters: &[&str]) -> Vec<Value> {
-    let mut args = vec!["list", "--json"];
-    args.extend_from_slice(filters);
-    let stdout = stdout_of(
-        &env.dlq(&args).await,
-        &format!("exactly dlq {}", args.join(" ")),
-    );
-    match serde_json::from_str(&stdout) {
-        Ok(Value::Array(items)) => items,
-        other => {
-            panic!("`exactly dlq list --json` did not print a JSON array ({other:?}):\n{stdout}")
-        }
-    }
+    env.dlq_list_json(filters).await
 }
 
 /// The rows stored for `(source, id)`, oldest first: error code, raw error

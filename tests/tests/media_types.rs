@@ -131,10 +131,7 @@ async fn a_dead_letter_written_otherwise_is_stored_once(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let event = Event::new("test.count").with_data(json!({"n": 1}));
     let mut headers = event.binary_headers();
-    headers.extend([
-        ("ce-knativeerrorcode".to_owned(), "422".to_owned()),
-        ("ce-knativeerrordest".to_owned(), format!("{}/", app.address)),
-    ]);
+    headers.extend(exactly_e2e::event::knative_extensions(422, b"", &format!("{}/", app.address)));
     for content_type in ["application/json", "application/json; charset=utf-8"] {
         let headers = with_header(headers.clone(), "content-type", content_type);
         app.post_to("/dead-letter", &headers, event.data_bytes())
