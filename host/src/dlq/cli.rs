@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 
-use super::one_line;
+use super::{is_bidi_formatting, one_line};
 use super::replay::{self, ReplayArgs};
 use super::rows::{DeadLetter, Filter, connect, select};
 use crate::cli::DatabaseArgs;
@@ -80,7 +80,7 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
     let dead_letters = select(&database, &filter).await?;
     if args.json {
         let all: Vec<serde_json::Value> = dead_letters.iter().map(DeadLetter::to_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        println!("{}", escape_for_terminals(&serde_json::to_string_pretty(&all)?));
         return Ok(());
     }
     let header = ["ID", "RECEIVED", "TYPE", "SOURCE", "EVENT ID", "CODE", "DEST", "STORED AS", "STATE", "ERROR"];
@@ -145,6 +145,18 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
+/// JSON text with the characters a terminal acts on escaped: serde_json
+/// writes C1 controls (U+0080–U+009F, among them CSI) and bidirectional
+/// formatting characters as they are; `\uXXXX` is the same JSON value.
+fn escape_for_terminals(json: &str) -> String {
+    json.chars()
+        .map(|c| {
+            let c1 = ('\u{80}'..='\u{9f}').contains(&c);
+            if c1 || is_bidi_formatting(c) { format!("\\u{:04x}", c as u32) } else { c.to_string() }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::rows::timestamp;
@@ -158,6 +170,14 @@ mod tests {
         let expected = Utc::now() - chrono::Duration::hours(1);
         assert!((hour_ago - expected).num_seconds().abs() < 5);
         assert!(parse_time_bound("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn json_for_terminals_escapes_c1_and_bidi_and_stays_the_same_json() {
+        let value = serde_json::json!({"s": "\u{9b}31mRED \u{202e}gnp.exe é"});
+        let text = escape_for_terminals(&serde_json::to_string(&value).unwrap());
+        assert!(!text.contains('\u{9b}') && !text.contains('\u{202e}') && text.contains('é'), "{text}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), value);
     }
 
     #[test]

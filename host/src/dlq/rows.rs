@@ -285,6 +285,7 @@ impl DeadLetter {
             "stored_as": self.stored_as(),
             "problem": self.problem,
             "raw_headers": self.raw_headers.as_deref().map(String::from_utf8_lossy),
+            "raw_headers_base64": self.raw_headers.as_deref().map(|h| base64::engine::general_purpose::STANDARD.encode(h)),
         })
     }
 }
