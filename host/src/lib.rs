@@ -19,7 +19,6 @@
 pub mod answer;
 pub mod cli;
 pub mod content_encoding;
-pub mod convert;
 pub mod decode;
 pub mod dlq;
 pub mod fault;
@@ -35,3 +34,4 @@ pub mod runtime;
 pub mod server;
 pub mod sql_switch;
 pub mod storage;
+pub mod tx;

@@ -7,7 +7,7 @@
 //! question: can a retry help? The answers are chosen for what the Knative
 //! Kafka dispatcher does with them: 5xx is retried, other 4xx go to the
 //! dead-letter sink (a 2xx body must be a CloudEvent or empty). Why a
-//! handler's statement failed ([`crate::convert::StatementFault`]) becomes
+//! handler's statement failed ([`crate::tx::convert::StatementFault`]) becomes
 //! one of these when the handler's run is judged.
 
 use bytes::Bytes;

@@ -990,7 +990,10 @@ async fn host_sql_ignores_standard_conforming_strings(backend: Backend, policy: 
     assert_victim_intact(&app, "after the ids", &target).await;
 }
 
-/// The host's migration lock key (`host/src/storage.rs`, MIGRATION_LOCK).
+/// The advisory-lock key the host's migrations once took (they now lock
+/// `exactly.migrations`, a table no handler role can lock; see
+/// `host/src/storage/postgres.rs`): a handler holding it must still not
+/// stop `exactly migrate`.
 const MIGRATION_LOCK: i64 = 0x6578_6163_746c_7901;
 
 /// Issue 9 item 8: session-level state taken by a handler (an advisory lock

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use super::EventState;
-use crate::convert::StatementFault;
+use crate::tx::convert::StatementFault;
 use crate::rejection::LimitKind;
 use super::bindings::exactly::handler::log::{Host, Level};
 

@@ -18,9 +18,8 @@ pub mod bindings {
     });
 }
 
-mod log;
+pub(crate) mod log;
 pub mod precompile;
-mod tx;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,13 +31,13 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::convert::StatementFault;
+use crate::tx::convert::StatementFault;
 use crate::rejection::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::storage::{EventTx, RowCaps};
+use crate::storage::EventTx;
 use bindings::exactly::handler::types;
 use bindings::{Handler, HandlerPre};
 
@@ -122,20 +121,20 @@ pub struct LoadedHandler {
 /// Everything one event's store holds.
 pub struct EventState {
     /// The event's transaction, lent to the handler's `tx` calls.
-    tx: Option<EventTx>,
-    policy: Arc<Policy>,
-    handler: Arc<str>,
-    event_source: String,
-    event_id: String,
-    limits: HandlerLimits,
-    statements: u64,
+    pub(crate) tx: Option<EventTx>,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) handler: Arc<str>,
+    pub(crate) event_source: String,
+    pub(crate) event_id: String,
+    pub(crate) limits: HandlerLimits,
+    pub(crate) statements: u64,
     /// Time spent in the handler's statements, for the metrics.
-    database_time: Duration,
+    pub(crate) database_time: Duration,
     log_bytes: u64,
     /// Set by the first failed or refused statement or exceeded limit:
     /// nothing of the event may commit after that, whatever the handler
     /// returns.
-    doom: Option<StatementFault>,
+    pub(crate) doom: Option<StatementFault>,
     memory: MemoryGuard,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -667,12 +666,6 @@ fn log_stdio(handler: &str, event: &CloudEvent, printed: &[u8]) {
     for line in String::from_utf8_lossy(printed).lines() {
         let line = log::printable(line);
         tracing::info!(target: "exactly::handler", handler, %source, %id, stdio = true, "{line}");
-    }
-}
-
-impl EventState {
-    fn row_caps(&self) -> RowCaps {
-        RowCaps { max_rows: self.limits.max_rows, max_bytes: self.limits.max_result_bytes }
     }
 }
 

@@ -27,7 +27,7 @@ pub mod postgres;
 pub mod sqlite_guard;
 
 pub use class::ErrorClass;
-pub use event_tx::{Claim, EventTx, RowCaps};
+pub use event_tx::{Claim, EventTx};
 use migrate::{handler_tables, migrate_sqlite};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

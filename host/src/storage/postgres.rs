@@ -491,10 +491,10 @@ pub struct EventSession {
     /// statement: "cached plan must not change result type", a migration
     /// changed a table under it): the session is closed and the event may
     /// run once more on a fresh one ([`super::EventTx::stale_statement`]).
-    pub(super) stale: bool,
+    pub(crate) stale: bool,
     /// A host statement on this session did not do what the host sent
     /// (a handler replaced it): never pool the session again.
-    pub(super) tainted: bool,
+    pub(crate) tainted: bool,
 }
 
 /// The claim this transaction holds.
@@ -516,7 +516,7 @@ impl EventSession {
         Ok(EventSession { connection: Some(connection), key, backend_pid: None, claim: None, stale: false, tainted: false })
     }
 
-    pub(super) fn connection(&mut self) -> &mut PgConnection {
+    pub(crate) fn connection(&mut self) -> &mut PgConnection {
         self.connection.as_mut().expect("an event session is used only until it finishes")
     }
 

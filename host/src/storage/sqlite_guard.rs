@@ -4,7 +4,7 @@
 //! (`sqlite3_limit`), so a statement the SQL parser misread still cannot
 //! reach past the handler's tables.
 //!
-//! # How to wire it (storage.rs, SQLite arms)
+//! # How it is wired (storage/event_tx.rs and tx/execute.rs, SQLite arms)
 //!
 //! - `EventTx::enter_handler`: in the same `lock_handle()` that sets the
 //!   progress handler, call [`enter`] with the handler's

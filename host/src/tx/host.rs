@@ -7,13 +7,19 @@
 //! the same on both backends, so a handler tried on SQLite behaves the same
 //! on PostgreSQL, where a failed statement aborts the transaction anyway.
 
-use super::bindings::exactly::handler::tx::Host;
-use super::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
-use super::EventState;
-use crate::convert::{StatementError, StatementFault, StatementOutput};
+use super::RowCaps;
+use super::convert::{StatementError, StatementFault, StatementOutput};
 use crate::rejection::LimitKind;
+use crate::runtime::EventState;
+use crate::runtime::bindings::exactly::handler::tx::Host;
+use crate::runtime::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
 
 impl EventState {
+    /// What one of the handler's queries may hand back.
+    fn row_caps(&self) -> RowCaps {
+        RowCaps { max_rows: self.limits.max_rows, max_bytes: self.limits.max_result_bytes }
+    }
+
     async fn statement(&mut self, sql: String, params: Vec<Value>, want_rows: bool) -> Result<StatementOutput, DbError> {
         if let Some(doom) = &self.doom {
             return Err(DbError {
@@ -48,7 +54,7 @@ impl EventState {
         }
         // The parameters are bounded before anything of them is parsed or
         // bound (see `convert::check_params`).
-        let checked = crate::convert::check_params(&params, self.limits.max_result_bytes);
+        let checked = crate::tx::convert::check_params(&params, self.limits.max_result_bytes);
         if let Err(StatementError { error, fault }) = checked {
             tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
                 "handler statement refused before binding: {}", error.message);
@@ -74,7 +80,7 @@ impl EventState {
             Ok(admitted) => admitted,
             Err(reason) => {
                 let message = format!("refused {:?}: {reason}", shorten(&sql));
-                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", super::log::printable(&message));
+                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", crate::runtime::log::printable(&message));
                 self.doom = Some(StatementFault::Refused(message.clone()));
                 return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
             }
@@ -95,7 +101,7 @@ impl EventState {
                     n => format!("$1 to ${n}"),
                 }
             );
-            tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", super::log::printable(&message));
+            tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", crate::runtime::log::printable(&message));
             self.doom = Some(StatementFault::Refused(message.clone()));
             return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
         }
@@ -110,7 +116,7 @@ impl EventState {
             Ok(output) => Ok(output),
             Err(StatementError { error, fault }) => {
                 tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
-                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", super::log::printable(&error.message));
+                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", crate::runtime::log::printable(&error.message));
                 self.doom = Some(match fault {
                     StatementFault::Refused(message) => {
                         StatementFault::Refused(format!("the database refused {:?}: {message}", shorten(&sql)))
