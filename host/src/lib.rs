@@ -17,6 +17,7 @@
 //! path of their own, [`dlq`]: stored, listed and replayed, never run.
 
 pub mod answer;
+pub mod bindings;
 pub mod cli;
 pub mod content_encoding;
 pub mod decode;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod otel;
 pub mod pipeline;
 pub mod policy;
+pub mod printable;
 pub mod rejection;
 pub mod retention;
 pub mod runtime;

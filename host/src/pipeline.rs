@@ -25,7 +25,7 @@ use crate::rejection::Rejection;
 use crate::decode::CloudEvent;
 use crate::fault::{self, Point};
 use crate::metrics::{EventTimings, Metrics};
-use crate::runtime::bindings::exactly::handler::types::{EmittedEvent, Outcome};
+use crate::bindings::exactly::handler::types::{EmittedEvent, Outcome};
 use crate::runtime::{LoadedHandler, Runtime};
 use crate::policy::Policy;
 use crate::storage::sqlite_guard::SqliteSandbox;

@@ -1,12 +1,11 @@
 //! The `log` import: handler log lines, attributed to the handler and the
 //! event they were written for.
 
-use std::borrow::Cow;
-
 use super::EventState;
-use crate::tx::convert::StatementFault;
+use crate::bindings::exactly::handler::log::{Host, Level};
+use crate::printable::printable;
 use crate::rejection::LimitKind;
-use super::bindings::exactly::handler::log::{Host, Level};
+use crate::tx::convert::StatementFault;
 
 /// Longest message kept from one call; the rest is cut.
 const MAX_MESSAGE: usize = 16 * 1024;
@@ -15,10 +14,10 @@ impl Host for EventState {
     async fn write(&mut self, level: Level, message: String) {
         self.log_bytes = self.log_bytes.saturating_add(message.len() as u64);
         if self.log_bytes > self.limits.max_log_bytes {
-            if self.doom.is_none() {
-                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
+            if self.tx.doom.is_none() {
+                tracing::warn!(handler = %self.tx.handler, source = %self.tx.event_source, id = %self.tx.event_id,
                     max_log_bytes = self.limits.max_log_bytes, "handler exceeded its log volume; dropping its lines and failing the event");
-                self.doom = Some(StatementFault::Limit(LimitKind::LogVolume, format!("more than {} bytes of log", self.limits.max_log_bytes)));
+                self.tx.doom = Some(StatementFault::Limit(LimitKind::LogVolume, format!("more than {} bytes of log", self.limits.max_log_bytes)));
             }
             return;
         }
@@ -32,7 +31,7 @@ impl Host for EventState {
             message
         };
         let message = printable(&message);
-        let (handler, source, id) = (&*self.handler, printable(&self.event_source), printable(&self.event_id));
+        let (handler, source, id) = (&*self.tx.handler, printable(&self.tx.event_source), printable(&self.tx.event_id));
         match level {
             Level::Trace => tracing::trace!(target: "exactly::handler", handler, %source, %id, "{message}"),
             Level::Debug => tracing::debug!(target: "exactly::handler", handler, %source, %id, "{message}"),
@@ -40,48 +39,5 @@ impl Host for EventState {
             Level::Warn => tracing::warn!(target: "exactly::handler", handler, %source, %id, "{message}"),
             Level::Error => tracing::error!(target: "exactly::handler", handler, %source, %id, "{message}"),
         }
-    }
-}
-
-/// Handler-supplied text made safe for one log line, in every log format:
-/// line breaks (`\n`, `\r`, U+2028, U+2029), tabs, ESC and every other C0 /
-/// C1 control character, and the bidirectional overrides are written as
-/// escapes (`\n`, `\r`, `\t`, `\u{1b}`), so a handler cannot forge log
-/// lines or terminal sequences in `--log-format text`. JSON output escapes
-/// again, harmlessly: one path for both. Backslashes are kept as they are.
-pub fn printable(text: &str) -> Cow<'_, str> {
-    fn needs_escape(c: char) -> bool {
-        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
-    if !text.chars().any(needs_escape) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if needs_escape(c) => out.extend(c.escape_unicode()),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::printable;
-
-    #[test]
-    fn printable_escapes_what_could_forge_a_log_line() {
-        assert_eq!(printable("plain text, \\ and ünïcode"), "plain text, \\ and ünïcode");
-        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
-        assert_eq!(
-            printable("a\nINFO forged\r\tb\u{1b}[31mc\u{7f}\u{85}d\u{2028}e\u{2029}f\u{202e}g\0"),
-            "a\\nINFO forged\\r\\tb\\u{1b}[31mc\\u{7f}\\u{85}d\\u{2028}e\\u{2029}f\\u{202e}g\\u{0}"
-        );
-        let escaped = printable("x\ny\u{b}z\u{9b}");
-        assert!(!escaped.chars().any(|c| c.is_control()), "{escaped}");
     }
 }

@@ -4,21 +4,14 @@
 //! What it promises to the pipeline: [`Runtime::run`] always hands the
 //! event's transaction back, whether the handler returned, failed, trapped
 //! or ran out of time, together with the verdict on the run. A handler never
-//! sees the transaction itself, only the `tx` import (see [`tx`]), and it
+//! sees the transaction itself, only the `tx` import (see [`crate::tx`]), and it
 //! gets no ambient capability: no files, environment, arguments or sockets;
 //! its stdout and stderr become log lines. Every run is bounded: deadline,
 //! memory, optional fuel, statements, rows and bytes per query, log volume.
 
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "handler",
-        imports: { default: async },
-        exports: { default: async },
-    });
-}
+use crate::bindings;
 
-pub(crate) mod log;
+mod log;
 pub mod precompile;
 
 use std::collections::HashMap;
@@ -32,14 +25,14 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::tx::convert::StatementFault;
+use crate::tx::{TxLimits, TxState};
 use crate::rejection::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::storage::EventTx;
 use bindings::exactly::handler::types;
-use bindings::{Handler, HandlerPre};
+use bindings::HandlerPre;
 
 /// Host-wide defaults, from the command line; a handler's manifest entry
 /// may override each of them.
@@ -120,21 +113,11 @@ pub struct LoadedHandler {
 
 /// Everything one event's store holds.
 pub struct EventState {
-    /// The event's transaction, lent to the handler's `tx` calls.
-    pub(crate) tx: Option<EventTx>,
-    pub(crate) policy: Arc<Policy>,
-    pub(crate) handler: Arc<str>,
-    pub(crate) event_source: String,
-    pub(crate) event_id: String,
-    pub(crate) limits: HandlerLimits,
-    pub(crate) statements: u64,
-    /// Time spent in the handler's statements, for the metrics.
-    pub(crate) database_time: Duration,
+    /// What the handler's `tx` calls run on and count (see [`crate::tx`]);
+    /// its identity fields and its doom are the log's too.
+    tx: TxState,
+    limits: HandlerLimits,
     log_bytes: u64,
-    /// Set by the first failed or refused statement or exceeded limit:
-    /// nothing of the event may commit after that, whatever the handler
-    /// returns.
-    pub(crate) doom: Option<StatementFault>,
     memory: MemoryGuard,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -187,7 +170,13 @@ impl Runtime {
 
         let mut linker: Linker<EventState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        // Each interface on its own: `tx` on the event's TxState (the tx
+        // module knows nothing of the runtime), `types` and `log` here.
+        types::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        bindings::exactly::handler::log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        bindings::exactly::handler::tx::add_to_linker::<_, HasSelf<TxState>>(&mut linker, |state: &mut EventState| {
+            &mut state.tx
+        })?;
 
         let mut by_type = HashMap::new();
         for (spec, limits) in resolved {
@@ -264,16 +253,23 @@ impl Runtime {
             .allow_ip_name_lookup(false)
             .build();
         let state = EventState {
-            tx: Some(tx),
-            policy: guards.policy.clone(),
-            handler: Arc::from(handler.name.as_str()),
-            event_source: event.source().to_owned(),
-            event_id: event.id().to_owned(),
+            tx: TxState {
+                session: Some(tx),
+                policy: guards.policy.clone(),
+                handler: Arc::from(handler.name.as_str()),
+                event_source: event.source().to_owned(),
+                event_id: event.id().to_owned(),
+                limits: TxLimits {
+                    max_statements: limits.max_statements,
+                    max_rows: limits.max_rows,
+                    max_result_bytes: limits.max_result_bytes,
+                },
+                statements: 0,
+                database_time: Duration::ZERO,
+                doom: None,
+            },
             limits,
-            statements: 0,
-            database_time: Duration::ZERO,
             log_bytes: 0,
-            doom: None,
             memory: MemoryGuard { cap: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX), hit: false },
             wasi,
             table: ResourceTable::new(),
@@ -295,15 +291,15 @@ impl Runtime {
         let returned = tokio::time::timeout(limits.deadline, call).await;
 
         let state = store.data_mut();
-        let mut tx = state.tx.take();
-        let database_time = state.database_time;
+        let mut tx = state.tx.session.take();
+        let database_time = state.tx.database_time;
         let printed = stdio.contents();
         log_stdio(&handler.name, event, &printed);
         let stdio_full = printed.len() >= stdio_capacity;
         let log_total = state.log_bytes + printed.len() as u64;
         let run = Run {
             handler: handler.name.clone(),
-            doom: state.doom.take(),
+            doom: state.tx.doom.take(),
             memory_hit: state.memory.hit,
             log_exceeded: stdio_full || log_total > limits.max_log_bytes,
             deadline: limits.deadline,
@@ -662,9 +658,9 @@ fn log_stdio(handler: &str, event: &CloudEvent, printed: &[u8]) {
     if printed.is_empty() {
         return;
     }
-    let (source, id) = (log::printable(event.source()), log::printable(event.id()));
+    let (source, id) = (crate::printable::printable(event.source()), crate::printable::printable(event.id()));
     for line in String::from_utf8_lossy(printed).lines() {
-        let line = log::printable(line);
+        let line = crate::printable::printable(line);
         tracing::info!(target: "exactly::handler", handler, %source, %id, stdio = true, "{line}");
     }
 }

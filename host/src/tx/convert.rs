@@ -19,7 +19,7 @@ use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Column, Postgres, Row, Sqlite, TypeInfo, ValueRef};
 
-pub use crate::runtime::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
+pub use crate::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
 use crate::rejection::{LimitKind, Rejection};
 use crate::storage::ErrorClass;
 

@@ -10,11 +10,12 @@
 use super::RowCaps;
 use super::convert::{StatementError, StatementFault, StatementOutput};
 use crate::rejection::LimitKind;
-use crate::runtime::EventState;
-use crate::runtime::bindings::exactly::handler::tx::Host;
-use crate::runtime::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
+use super::TxState;
+use crate::bindings::exactly::handler::tx::Host;
+use crate::bindings::exactly::handler::types::{DbError, DbErrorKind, Rows, Value};
+use crate::printable::printable;
 
-impl EventState {
+impl TxState {
     /// What one of the handler's queries may hand back.
     fn row_caps(&self) -> RowCaps {
         RowCaps { max_rows: self.limits.max_rows, max_bytes: self.limits.max_result_bytes }
@@ -80,7 +81,7 @@ impl EventState {
             Ok(admitted) => admitted,
             Err(reason) => {
                 let message = format!("refused {:?}: {reason}", shorten(&sql));
-                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", crate::runtime::log::printable(&message));
+                tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", printable(&message));
                 self.doom = Some(StatementFault::Refused(message.clone()));
                 return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
             }
@@ -101,12 +102,12 @@ impl EventState {
                     n => format!("$1 to ${n}"),
                 }
             );
-            tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", crate::runtime::log::printable(&message));
+            tracing::warn!(handler = %self.handler, source = %self.event_source, id = %self.event_id, "{}", printable(&message));
             self.doom = Some(StatementFault::Refused(message.clone()));
             return Err(DbError { kind: DbErrorKind::Refused, code: None, message });
         }
         let caps = self.row_caps();
-        let Some(tx) = self.tx.as_mut() else {
+        let Some(tx) = self.session.as_mut() else {
             return Err(DbError { kind: DbErrorKind::Failed, code: None, message: "no open transaction".into() });
         };
         let started = std::time::Instant::now();
@@ -116,7 +117,7 @@ impl EventState {
             Ok(output) => Ok(output),
             Err(StatementError { error, fault }) => {
                 tracing::info!(handler = %self.handler, source = %self.event_source, id = %self.event_id,
-                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", crate::runtime::log::printable(&error.message));
+                    code = error.code.as_deref().unwrap_or(""), "handler statement failed: {}", printable(&error.message));
                 self.doom = Some(match fault {
                     StatementFault::Refused(message) => {
                         StatementFault::Refused(format!("the database refused {:?}: {message}", shorten(&sql)))
@@ -129,7 +130,7 @@ impl EventState {
     }
 }
 
-impl Host for EventState {
+impl Host for TxState {
     async fn query(&mut self, sql: String, params: Vec<Value>) -> Result<Rows, DbError> {
         match self.statement(sql, params, true).await? {
             StatementOutput::Rows(rows) => Ok(rows),
