@@ -16,7 +16,8 @@
 
 use std::io::Read;
 
-use flate2::read::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
+use flate2::bufread::GzDecoder;
+use flate2::read::{DeflateDecoder, ZlibDecoder};
 use http::HeaderMap;
 use http::header::CONTENT_ENCODING;
 
@@ -79,22 +80,41 @@ fn parse(value: &str) -> Result<Vec<Coding>, Rejection> {
 }
 
 fn inflate(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Rejection> {
-    let reader: Box<dyn Read + '_> = match coding {
-        Coding::Gzip => Box::new(MultiGzDecoder::new(body)),
-        Coding::Deflate if is_zlib(body) => Box::new(ZlibDecoder::new(body)),
-        Coding::Deflate => Box::new(DeflateDecoder::new(body)),
+    let invalid = |error: std::io::Error| {
+        Rejection::InvalidEvent(format!(
+            "the request body is not valid {} data (Content-Encoding: {}): {error}",
+            coding.name(),
+            coding.name()
+        ))
     };
     let mut decoded = Vec::new();
-    reader
-        .take(limit as u64 + 1)
-        .read_to_end(&mut decoded)
-        .map_err(|error| {
-            Rejection::InvalidEvent(format!(
-                "the request body is not valid {} data (Content-Encoding: {}): {error}",
-                coding.name(),
-                coding.name()
-            ))
-        })?;
+    match coding {
+        // Member after member (RFC 1952 §2.2: concatenated members are one
+        // body); zero bytes after the last member are padding, which
+        // `gzip -d` ignores too. Anything else after it is not gzip.
+        Coding::Gzip => {
+            let mut rest = body;
+            while !rest.is_empty() && !rest.iter().all(|byte| *byte == 0) {
+                let budget = (limit as u64 + 1).saturating_sub(decoded.len() as u64);
+                let mut member = GzDecoder::new(rest);
+                (&mut member).take(budget).read_to_end(&mut decoded).map_err(invalid)?;
+                if decoded.len() > limit {
+                    break;
+                }
+                let after = member.into_inner();
+                if after.len() >= rest.len() {
+                    return Err(invalid(std::io::Error::other("a gzip member that ends where it began")));
+                }
+                rest = after;
+            }
+        }
+        Coding::Deflate if is_zlib(body) => {
+            ZlibDecoder::new(body).take(limit as u64 + 1).read_to_end(&mut decoded).map_err(invalid)?;
+        }
+        Coding::Deflate => {
+            DeflateDecoder::new(body).take(limit as u64 + 1).read_to_end(&mut decoded).map_err(invalid)?;
+        }
+    }
     if decoded.len() > limit {
         return Err(Rejection::DecodedTooLarge { limit, encoding: coding.name() });
     }
@@ -153,6 +173,14 @@ mod tests {
         let mut twice = gzip(b"ab");
         twice.extend(gzip(b"cd"));
         assert_eq!(decode("gzip", twice, 10).unwrap(), b"abcd");
+        // Zero padding after the last member is ignored, as `gzip -d` does;
+        // other trailing bytes are not gzip.
+        let mut padded = gzip(b"ab");
+        padded.extend([0u8; 7]);
+        assert_eq!(decode("gzip", padded, 10).unwrap(), b"ab");
+        let mut trailing = gzip(b"ab");
+        trailing.extend(b"xyz");
+        assert!(matches!(decode("gzip", trailing, 10), Err(Rejection::InvalidEvent(_))));
         // An empty body labelled with an encoding is an empty body.
         assert_eq!(decode("gzip", Vec::new(), 10).unwrap(), b"");
         assert!(matches!(decode("br", Vec::new(), 10), Err(Rejection::UnsupportedEncoding(_))));
