@@ -293,9 +293,13 @@ impl CloudEvent {
     /// canonical form so binary and structured deliveries of one event
     /// match; other data byte for byte. The hashed text starts with a
     /// format byte that [`Self::legacy_payload_sha256`] never starts with,
-    /// so the two hashes of different payloads never coincide.
+    /// so the two hashes of different payloads never coincide. An absent
+    /// media type is hashed as `application/json`: in structured mode that
+    /// is what its absence means (CloudEvents JSON format), and JSON data is
+    /// how it is read in either mode, so a structured delivery without
+    /// `datacontenttype` and a binary one with `application/json` match.
     pub fn payload_sha256(&self) -> [u8; 32] {
-        let content_type = self.datacontenttype.as_deref().map(media_type::canonical);
+        let content_type = Some(media_type::canonical(self.datacontenttype.as_deref().unwrap_or("application/json")));
         let json = self.datacontenttype.as_deref().is_none_or(media_type::is_json);
         self.payload_digest(Some(PAYLOAD_FORMAT), content_type.as_deref(), json)
     }

@@ -16,6 +16,7 @@ both_backends!(
     a_record_stored_by_an_older_version_still_replays,
     json_media_types_are_json_data_in_structured_mode,
     json_numbers_are_compared_digit_for_digit,
+    an_absent_media_type_is_application_json,
 );
 
 /// `headers` with the one named `name` replaced (or added).
@@ -226,4 +227,34 @@ async fn json_numbers_are_compared_digit_for_digit(backend: Backend) {
             .assert_error(422, "key-reused");
     }
     assert_eq!(app.effects(&event).await, 1);
+}
+
+/// In structured mode an absent `datacontenttype` means `application/json`
+/// (CloudEvents JSON format): the same event delivered binary with
+/// `Content-Type: application/json` is a redelivery, not a reused key, in
+/// either order (found by a fresh attacker).
+async fn an_absent_media_type_is_application_json(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for structured_first in [true, false] {
+        let event = Event::new("test.count");
+        let document = json!({
+            "specversion": "1.0",
+            "id": event.id,
+            "source": event.source,
+            "type": event.type_,
+            "data": {"a": 1},
+        });
+        let structured_headers = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+        let structured = || app.post(&structured_headers, serde_json::to_vec(&document).unwrap());
+        let binary = || post_with_content_type(&app, &event, "application/json", br#"{"a": 1}"#);
+        let (first, second) = if structured_first {
+            (structured().await, binary().await)
+        } else {
+            let first = binary().await;
+            (first, structured().await)
+        };
+        first.assert_processed();
+        assert!(second.is_replay(), "structured first: {structured_first}: {second}");
+        assert_eq!(app.effects(&event).await, 1);
+    }
 }
