@@ -117,10 +117,6 @@ impl Pipeline {
         timings: &mut EventTimings,
         may_run_again: bool,
     ) -> Result<Option<Processed>, Rejection> {
-        let size = event.data().map_or(0, <[u8]>::len) as u64;
-        if size > handler.limits.max_body_bytes {
-            return Err(Rejection::PayloadTooLarge(handler.limits.max_body_bytes as usize));
-        }
         let payload_sha256 = event.payload_sha256();
         let started = Instant::now();
         let guards = self
@@ -129,7 +125,21 @@ impl Pipeline {
             .ok_or_else(|| Rejection::Internal(format!("no SQL guards for handler {}", handler.name)))?;
         let mut tx = self.sessions.begin(&handler.name).await?;
         let claimed = tx.claim(event, &handler.name, &payload_sha256).await;
+        // The handler's own data limit, checked once the event is known to
+        // be new: a committed event replays whatever shape (and size) its
+        // redelivery has, a pretty-printed JSON body as well as the compact
+        // one that was processed.
+        let size = event.data().map_or(0, <[u8]>::len) as u64;
         match claimed {
+            Ok(Claim::Owned) if size > handler.limits.max_body_bytes => {
+                tx.rollback().await;
+                timings.database += started.elapsed();
+                return Err(Rejection::DataTooLarge {
+                    handler: handler.name.clone(),
+                    size,
+                    limit: handler.limits.max_body_bytes,
+                });
+            }
             Ok(Claim::Owned) => fault::hit(Point::AfterClaim),
             Ok(Claim::Duplicate { payload_sha256: stored, answer }) => {
                 tx.rollback().await;

@@ -56,6 +56,13 @@ pub enum Rejection {
     NoHandler(String),
 
     // --- the handler's fault ---
+    /// The event's data is over the handler's own `max_body_bytes`: the
+    /// sender's event is one this handler takes no such size of (413,
+    /// dead-lettered; checked once the
+    /// event is known to be new, so a redelivery of a processed one still
+    /// replays).
+    #[error("the event's data ({size} bytes) is larger than handler {handler}'s max_body_bytes ({limit})")]
+    DataTooLarge { handler: String, size: u64, limit: u64 },
     #[error("handler {handler} refused the event: {message}")]
     Permanent { handler: String, message: String },
     #[error("handler {handler} issued a statement the host refuses: {message}")]
@@ -102,6 +109,7 @@ impl Rejection {
             InvalidEvent(_) | PayloadTooLarge(_) | RequestTimeout(_) | KeyReused { .. } | NoHandler(_) => Blame::Sender,
             UnsupportedEncoding(_) | DecodedTooLarge { .. } => Blame::Sender,
             Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } | Retryable { .. } | Trap { .. } => Blame::Handler,
+            DataTooLarge { .. } => Blame::Sender,
             Deadline { .. } | Limit { .. } | StatementFailed { .. } => Blame::Handler,
             Internal(_) | ShuttingDown => Blame::Host,
             DatabaseUnavailable(_) | Busy(_) | DeadLetterQuota { .. } => Blame::Database,
@@ -117,7 +125,7 @@ impl Rejection {
         use Rejection::*;
         match self {
             InvalidEvent(_) => StatusCode::BAD_REQUEST,
-            PayloadTooLarge(_) | DecodedTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            PayloadTooLarge(_) | DecodedTooLarge { .. } | DataTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             KeyReused { .. } | NoHandler(_) | Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } => {
@@ -136,7 +144,7 @@ impl Rejection {
         use Rejection::*;
         match self {
             InvalidEvent(_) => "invalid-event",
-            PayloadTooLarge(_) | DecodedTooLarge { .. } => "payload-too-large",
+            PayloadTooLarge(_) | DecodedTooLarge { .. } | DataTooLarge { .. } => "payload-too-large",
             UnsupportedEncoding(_) => "unsupported-encoding",
             RequestTimeout(_) => "request-timeout",
             KeyReused { .. } => "key-reused",
@@ -162,7 +170,7 @@ impl Rejection {
     /// connection cannot carry another request. Every limit the same way,
     /// the global `--max-body-bytes` and a handler's `max_body_bytes`.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Rejection::PayloadTooLarge(_) | Rejection::RequestTimeout(_))
+        matches!(self, Rejection::PayloadTooLarge(_) | Rejection::DataTooLarge { .. } | Rejection::RequestTimeout(_))
     }
 
     pub fn into_response(self) -> Response<Body> {
@@ -248,6 +256,7 @@ mod tests {
             Rejection::RequestTimeout(std::time::Duration::from_secs(1)),
             Rejection::KeyReused { event_source: "s".into(), id: "i".into() },
             Rejection::NoHandler("t".into()),
+            Rejection::DataTooLarge { handler: handler(), size: 2, limit: 1 },
             Rejection::Permanent { handler: handler(), message: message() },
             Rejection::StatementRefused { handler: handler(), message: message() },
             Rejection::BadOutcome { handler: handler(), message: message() },

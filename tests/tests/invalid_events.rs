@@ -138,6 +138,18 @@ async fn a_handlers_own_body_limit_is_kept(backend: Backend) {
     app.send_binary(&other).await.assert_processed();
     let small = Event::new("hostile.sql").with_data(json!({ "statements": [], "result_from": null }));
     app.send_binary(&small).await.assert_processed();
+    // A redelivery of the processed event in another shape that no longer
+    // fits (the same JSON pretty-printed past the limit) is a redelivery:
+    // replayed, not 413 (found by a fresh attacker).
+    let pretty = serde_json::to_vec_pretty(&json!({ "statements": [], "result_from": null, "pad": " ".repeat(40) })).unwrap();
+    let mut compact_event = Event::new("hostile.sql").with_data(json!({ "statements": [], "result_from": null, "pad": " ".repeat(40) }));
+    compact_event.id = format!("{}-shape", compact_event.id);
+    app.send_binary(&compact_event).await.assert_processed();
+    let mut spaced = pretty.clone();
+    spaced.extend(std::iter::repeat_n(b' ', 600));
+    assert!(spaced.len() > 512);
+    let again = app.post(&compact_event.binary_headers(), spaced).await;
+    assert!(again.is_replay(), "{again}");
 }
 
 /// Issue 10 item 3: a handler result holding U+0000 (`\u0000` in a JSON
