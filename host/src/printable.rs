@@ -2,6 +2,13 @@
 
 use std::borrow::Cow;
 
+/// The Unicode bidirectional formatting characters (marks, embeddings,
+/// overrides, isolates): invisible, and they reorder what follows, so
+/// `urn:\u{202e}gnp.exe` displays as `urn:exe.png`.
+pub fn is_bidi_formatting(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Handler-supplied text made safe for one log line, in every log format:
 /// line breaks (`\n`, `\r`, U+2028, U+2029), tabs, ESC and every other C0 /
 /// C1 control character, and the bidirectional overrides are written as
@@ -10,7 +17,7 @@ use std::borrow::Cow;
 /// again, harmlessly: one path for both. Backslashes are kept as they are.
 pub fn printable(text: &str) -> Cow<'_, str> {
     fn needs_escape(c: char) -> bool {
-        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || is_bidi_formatting(c)
     }
     if !text.chars().any(needs_escape) {
         return Cow::Borrowed(text);

@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 
-use super::{is_bidi_formatting, one_line};
+use super::one_line;
+use crate::printable::is_bidi_formatting;
 use super::replay::{self, ReplayArgs};
 use super::rows::{DeadLetter, Filter, connect, select};
 use crate::cli::DatabaseArgs;

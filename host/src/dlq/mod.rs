@@ -58,14 +58,10 @@ pub const ERROR_DEST: &str = "knativeerrordest";
 /// the bidirectional formatting characters (which could make text display
 /// reversed, `urn:\u{202e}gnp.exe` as `urn:exe.png`) become spaces.
 pub(super) fn one_line(text: &str) -> String {
+    use crate::printable::is_bidi_formatting;
     text.chars().map(|c| if c.is_control() || is_bidi_formatting(c) { ' ' } else { c }).collect()
 }
 
-/// The Unicode bidirectional formatting characters (marks, embeddings,
-/// overrides, isolates): invisible, and they reorder what follows.
-pub(super) fn is_bidi_formatting(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
 
 /// `knativeerrordata` decoded for people: the base64 Knative sends, as text
 /// when it is UTF-8. Anything else is shown as it came.

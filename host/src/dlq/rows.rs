@@ -147,85 +147,59 @@ fn read_error(error: sqlx::Error) -> anyhow::Error {
     }
 }
 
+/// Runs `$sql` with `$bind` applied on either backend's pool and reads
+/// every row as a [`DeadLetter`]: the two backends differ only in their SQL.
+macro_rules! fetch_dead_letters {
+    ($database:expr, $pg:expr, $sqlite:expr, |$query:ident| $bind:expr) => {{
+        match $database {
+            Database::Postgres(pool) => {
+                let $query = sqlx::query(sqlx::AssertSqlSafe($pg));
+                let rows = $bind.fetch_all(pool).await.map_err(read_error)?;
+                rows.iter().map(dead_letter_from_row).collect::<Result<Vec<_>, _>>()?
+            }
+            Database::Sqlite(pool) => {
+                let $query = sqlx::query(sqlx::AssertSqlSafe($sqlite));
+                let rows = $bind.fetch_all(pool).await.map_err(read_error)?;
+                rows.iter().map(dead_letter_from_row).collect::<Result<Vec<_>, _>>()?
+            }
+        }
+    }};
+}
+
 pub(super) async fn select(database: &Database, args: &Filter<'_>) -> anyhow::Result<Vec<DeadLetter>> {
     let since = args.since.map(timestamp);
     let until = args.until.map(timestamp);
     let limit = i64::from(args.limit);
-    let rows = match database {
-        Database::Postgres(pool) => {
-            let sql = format!(
-                "SELECT {COLUMNS_PG} FROM exactly.dead_letters
-                 WHERE ($1::text IS NULL OR type = $1::text)
-                   AND ($2::text IS NULL OR received_at >= $2::timestamptz)
-                   AND ($3::text IS NULL OR received_at < $3::timestamptz)
-                   AND (NOT $4 OR replayed_at IS NULL)
-                 ORDER BY dead_letter_id DESC LIMIT $5"
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(args.ty)
-                .bind(&since)
-                .bind(&until)
-                .bind(args.pending)
-                .bind(limit)
-                .fetch_all(pool)
-                .await
-                .map_err(read_error)?
-                .iter()
-                .map(dead_letter_from_row)
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        Database::Sqlite(pool) => {
-            let sql = format!(
-                "SELECT {COLUMNS_SQLITE} FROM exactly_dead_letters
-                 WHERE (?1 IS NULL OR type = ?1)
-                   AND (?2 IS NULL OR received_at >= ?2)
-                   AND (?3 IS NULL OR received_at < ?3)
-                   AND (NOT ?4 OR replayed_at IS NULL)
-                 ORDER BY dead_letter_id DESC LIMIT ?5"
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(args.ty)
-                .bind(&since)
-                .bind(&until)
-                .bind(args.pending)
-                .bind(limit)
-                .fetch_all(pool)
-                .await
-                .map_err(read_error)?
-                .iter()
-                .map(dead_letter_from_row)
-                .collect::<Result<Vec<_>, _>>()?
-        }
-    };
-    Ok(rows)
+    Ok(fetch_dead_letters!(
+        database,
+        format!(
+            "SELECT {COLUMNS_PG} FROM exactly.dead_letters
+             WHERE ($1::text IS NULL OR type = $1::text)
+               AND ($2::text IS NULL OR received_at >= $2::timestamptz)
+               AND ($3::text IS NULL OR received_at < $3::timestamptz)
+               AND (NOT $4 OR replayed_at IS NULL)
+             ORDER BY dead_letter_id DESC LIMIT $5"
+        ),
+        format!(
+            "SELECT {COLUMNS_SQLITE} FROM exactly_dead_letters
+             WHERE (?1 IS NULL OR type = ?1)
+               AND (?2 IS NULL OR received_at >= ?2)
+               AND (?3 IS NULL OR received_at < ?3)
+               AND (NOT ?4 OR replayed_at IS NULL)
+             ORDER BY dead_letter_id DESC LIMIT ?5"
+        ),
+        |query| query.bind(args.ty).bind(&since).bind(&until).bind(args.pending).bind(limit)
+    ))
 }
 
 pub(super) async fn select_one(database: &Database, dead_letter_id: i64) -> anyhow::Result<Option<DeadLetter>> {
-    let row = match database {
-        Database::Postgres(pool) => {
-            let sql = format!("SELECT {COLUMNS_PG} FROM exactly.dead_letters WHERE dead_letter_id = $1");
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(dead_letter_id)
-                .fetch_optional(pool)
-                .await
-                .map_err(read_error)?
-                .as_ref()
-                .map(dead_letter_from_row)
-                .transpose()?
-        }
-        Database::Sqlite(pool) => {
-            let sql = format!("SELECT {COLUMNS_SQLITE} FROM exactly_dead_letters WHERE dead_letter_id = ?1");
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(dead_letter_id)
-                .fetch_optional(pool)
-                .await
-                .map_err(read_error)?
-                .as_ref()
-                .map(dead_letter_from_row)
-                .transpose()?
-        }
-    };
-    Ok(row)
+    let rows = fetch_dead_letters!(
+        database,
+        format!("SELECT {COLUMNS_PG} FROM exactly.dead_letters WHERE dead_letter_id = $1"),
+        format!("SELECT {COLUMNS_SQLITE} FROM exactly_dead_letters WHERE dead_letter_id = ?1"),
+        |query| query.bind(dead_letter_id)
+    );
+    Ok(rows.into_iter().next())
 }
 
 impl DeadLetter {
