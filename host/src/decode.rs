@@ -135,6 +135,7 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
     let mut builder = EventBuilderV10::new();
     let mut extensions = Vec::new();
     let mut dataschema = None;
+    let mut time = None;
     for name in headers.keys() {
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
             continue;
@@ -150,11 +151,12 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
         }
         builder = match attribute {
             "subject" => builder.subject(value),
-            "time" => builder.time(value),
+            "time" => {
+                time = Some(value.clone());
+                builder.time(value)
+            }
             "dataschema" => {
-                let url = url::Url::parse(&value)
-                    .map_err(|e| invalid(format!("attribute `dataschema` is not an absolute URI ({e})")))?;
-                dataschema = Some(url);
+                dataschema = Some(absolute_uri(value)?);
                 continue;
             }
             "datacontenttype" => {
@@ -180,22 +182,43 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
     builder = builder.id(id).source(source).ty(ty);
     let mut event = builder.build().map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
     event.set_datacontenttype(content_type);
-    event.set_dataschema(dataschema);
     if !body.is_empty() {
+        if content_type.is_none_or(media_type::is_json) {
+            check_json_depth(&body)?;
+        }
         event.set_data_unchecked(Data::Binary(body));
     }
     for (name, value) in extensions {
         event.set_extension(&name, value);
     }
-    Ok(from_sdk(event))
+    checked(CloudEvent { time, dataschema, ..from_sdk(event) })
 }
 
 fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({e})")))?;
-    let serde_json::Value::Object(mut map) = value else {
-        return Err(invalid("malformed structured CloudEvent: the body is not a JSON object"));
-    };
+    let Members(members) = serde_json::from_slice(body).map_err(|e| {
+        if e.classify() == serde_json::error::Category::Data {
+            invalid("malformed structured CloudEvent: the body is not a JSON object")
+        } else {
+            invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({e})"))
+        }
+    })?;
+    let mut map = serde_json::Map::new();
+    let mut data = None;
+    let mut data_base64 = None;
+    for (name, raw) in members {
+        if map.contains_key(&name) || (name == "data" && data.is_some()) || (name == "data_base64" && data_base64.is_some()) {
+            return Err(invalid(format!("malformed structured CloudEvent: member `{name}` appears more than once")));
+        }
+        match name.as_str() {
+            "data" => data = Some(raw),
+            "data_base64" => data_base64 = Some(raw),
+            _ => {
+                let value = serde_json::from_str(raw.get())
+                    .map_err(|e| invalid(format!("malformed structured CloudEvent: member `{name}` ({e})")))?;
+                map.insert(name, value);
+            }
+        }
+    }
     for attribute in REQUIRED {
         match map.get(attribute) {
             None | Some(serde_json::Value::Null) => {
@@ -209,46 +232,141 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
     check_spec_version(text("specversion"))?;
     check_required_values(text("id"), text("source"), text("type"))?;
     for name in map.keys() {
-        if !REQUIRED.contains(&name.as_str()) && !OPTIONAL.contains(&name.as_str()) && name != "data_base64" {
+        if !REQUIRED.contains(&name.as_str()) && !OPTIONAL.contains(&name.as_str()) {
             check_extension_name(name)?;
         }
     }
+    // Kept as the sender wrote them (cloudevents-sdk re-formats both).
+    let time = map.get("time").and_then(|v| v.as_str()).map(str::to_owned);
+    let dataschema = match map.remove("dataschema") {
+        Some(serde_json::Value::String(text)) => Some(absolute_uri(text)?),
+        None | Some(serde_json::Value::Null) => None,
+        Some(_) => return Err(invalid("attribute `dataschema` must be a string (an absolute URI)")),
+    };
     // The data is read here, not by cloudevents-sdk: it decides "is this
     // JSON" by the exact text of datacontenttype (`+json` with a
     // parameter, or `APPLICATION/JSON`, are not JSON to it).
     let datacontenttype = map.get("datacontenttype").and_then(|v| v.as_str()).map(str::to_owned);
-    let data = match (map.remove("data"), map.remove("data_base64")) {
+    let data = match (data, data_base64) {
         (Some(_), Some(_)) => return Err(invalid("a structured CloudEvent has `data` or `data_base64`, not both")),
-        (Some(value), None) => Some(structured_data(value, datacontenttype.as_deref())?),
-        (None, Some(serde_json::Value::String(text))) => {
-            use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|e| invalid(format!("attribute `data_base64` is not valid base64 ({e})")))?;
-            Some(bytes)
-        }
-        (None, Some(_)) => return Err(invalid("attribute `data_base64` must be a string (base64)")),
+        (Some(raw), None) => Some(structured_data(&raw, datacontenttype.as_deref())?),
+        (None, Some(raw)) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(serde_json::Value::String(text)) => {
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|e| invalid(format!("attribute `data_base64` is not valid base64 ({e})")))?;
+                Some(bytes)
+            }
+            _ => return Err(invalid("attribute `data_base64` must be a string (base64)")),
+        },
         (None, None) => None,
     };
     let event: cloudevents::Event = serde_json::from_value(serde_json::Value::Object(map))
         .map_err(|e| invalid(format!("invalid structured CloudEvent: {e}")))?;
-    Ok(CloudEvent { data, ..from_sdk(event) })
+    checked(CloudEvent { data, time, dataschema, ..from_sdk(event) })
 }
 
-/// A structured event's `data` member as bytes: JSON text when the media
-/// type is JSON (every `*/json` and `*/*+json`, any case, any parameters)
-/// or absent (the JSON event format's default); otherwise the member must
-/// be a string, and its text is the data.
-fn structured_data(value: serde_json::Value, datacontenttype: Option<&str>) -> Result<Vec<u8>, Rejection> {
-    match (value, datacontenttype) {
-        (value, None) => Ok(value.to_string().into_bytes()),
-        (value, Some(media_type)) if media_type::is_json(media_type) => Ok(value.to_string().into_bytes()),
-        (serde_json::Value::String(text), Some(_)) => Ok(text.into_bytes()),
-        (_, Some(media_type)) => Err(invalid(format!(
-            "attribute `data` must be a string: datacontenttype {media_type:?} is not a JSON media type \
-             (send JSON data with a JSON media type, or other bytes as `data_base64`)"
+/// Refuses an event one of whose attributes holds a character the
+/// CloudEvents String type forbids (spec 1.0 "Type System": the control
+/// characters U+0000–U+001F and U+007F–U+009F, and noncharacters; a
+/// surrogate cannot reach here, neither JSON nor UTF-8 carries one alone).
+/// Binary mode lets a sender write any of them percent-encoded (`%0A`);
+/// a handler, a log line or a replayed header must never see one.
+fn checked(event: CloudEvent) -> Result<CloudEvent, Rejection> {
+    let attributes = [
+        ("id", Some(event.id.as_str())),
+        ("source", Some(event.source.as_str())),
+        ("type", Some(event.ty.as_str())),
+        ("subject", event.subject.as_deref()),
+        ("time", event.time.as_deref()),
+        ("datacontenttype", event.datacontenttype.as_deref()),
+        ("dataschema", event.dataschema.as_deref()),
+    ];
+    let extensions = event.extensions.iter().map(|(name, value)| (name.as_str(), Some(value.as_str())));
+    for (name, value) in attributes.into_iter().chain(extensions) {
+        if let Some(c) = value.and_then(|value| value.chars().find(|&c| forbidden_in_string(c))) {
+            return Err(invalid(format!(
+                "attribute `{name}` contains U+{:04X}, which a CloudEvents String may not hold (control characters and noncharacters)",
+                c as u32
+            )));
+        }
+    }
+    Ok(event)
+}
+
+fn forbidden_in_string(c: char) -> bool {
+    let code = c as u32;
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || (code & 0xFFFE) == 0xFFFE
+}
+
+/// A JSON object's members in the order written, values unparsed; names
+/// that repeat are kept (and refused by the caller: which one describes
+/// the event would be a guess, as for repeated headers).
+struct Members(Vec<(String, Box<serde_json::value::RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = access.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// A structured event's `data` member as bytes: its JSON text as written
+/// when the media type is JSON (every `*/json` and `*/*+json`, any case,
+/// any parameters) or absent (the JSON event format's default; `null` is
+/// an explicit null payload, distinct from no `data`, JSON format §3.1.1);
+/// otherwise the member must be a string, and its text is the data.
+fn structured_data(raw: &serde_json::value::RawValue, datacontenttype: Option<&str>) -> Result<Vec<u8>, Rejection> {
+    if datacontenttype.is_none_or(media_type::is_json) {
+        check_json_depth(raw.get().as_bytes())?;
+        return Ok(raw.get().as_bytes().to_vec());
+    }
+    match serde_json::from_str::<serde_json::Value>(raw.get()) {
+        Ok(serde_json::Value::String(text)) => Ok(text.into_bytes()),
+        _ => Err(invalid(format!(
+            "attribute `data` must be a string: datacontenttype {:?} is not a JSON media type \
+             (send JSON data with a JSON media type, or other bytes as `data_base64`)",
+            datacontenttype.unwrap_or_default()
         ))),
     }
+}
+
+/// How deeply JSON data may nest (arrays and objects): serde_json's own
+/// limit, the one a handler's `serde_json` applies to the same bytes.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Refuses JSON data nested deeper than [`MAX_JSON_DEPTH`]: such data
+/// could not be compared as JSON (a redelivery in another spelling would
+/// look like another payload) nor parsed by a handler. Bytes that are not
+/// JSON at all pass: they are compared byte for byte.
+fn check_json_depth(bytes: &[u8]) -> Result<(), Rejection> {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(invalid(format!(
+            "JSON data nested deeper than {MAX_JSON_DEPTH} levels (arrays and objects) is not accepted"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `dataschema` as the sender wrote it, once it is known to be an
+/// absolute URI (CloudEvents 1.0: type URI).
+fn absolute_uri(text: String) -> Result<String, Rejection> {
+    url::Url::parse(&text).map_err(|e| invalid(format!("attribute `dataschema` is not an absolute URI ({e})")))?;
+    Ok(text)
 }
 
 fn from_sdk(event: cloudevents::Event) -> CloudEvent {
@@ -330,7 +448,11 @@ impl CloudEvent {
         field(Some(self.ty.as_bytes()));
         field(self.subject.as_deref().map(str::as_bytes));
         field(content_type.map(str::as_bytes));
-        field(self.dataschema.as_deref().map(str::as_bytes));
+        // As a URL (the spelling `exactly` hashed before it kept the
+        // sender's text): `HTTP://Example.com/a` and `http://example.com/a`
+        // are one schema.
+        let dataschema = self.dataschema.as_deref().map(|text| url::Url::parse(text).map_or_else(|_| text.to_owned(), String::from));
+        field(dataschema.as_deref().map(str::as_bytes));
         let canonical = self.data.as_deref().filter(|_| json).and_then(|bytes| {
             serde_json::from_slice::<serde_json::Value>(bytes)
                 .ok()
@@ -361,13 +483,11 @@ fn check_spec_version(version: &str) -> Result<(), Rejection> {
     }
 }
 
+/// The required attributes are not empty (their characters: [`checked`]).
 fn check_required_values(id: &str, source: &str, ty: &str) -> Result<(), Rejection> {
     for (name, value) in [("id", id), ("source", source), ("type", ty)] {
         if value.is_empty() {
             return Err(invalid(format!("attribute `{name}` must not be empty")));
-        }
-        if value.chars().any(char::is_control) {
-            return Err(invalid(format!("attribute `{name}` contains control characters")));
         }
     }
     Ok(())
@@ -503,7 +623,8 @@ mod tests {
         };
         for json in ["application/vnd.shop.order+json; charset=utf-8", "APPLICATION/JSON", "text/json", "application/json"] {
             let event = decode(&headers, document(json, r#"{"b": [1, 2]}"#)).unwrap();
-            assert_eq!(event.data.as_deref(), Some(&br#"{"b":[1,2]}"#[..]), "{json}");
+            // As written: the member's own text.
+            assert_eq!(event.data.as_deref(), Some(&br#"{"b": [1, 2]}"#[..]), "{json}");
             assert_eq!(event.datacontenttype.as_deref(), Some(json));
         }
         let text = decode(&headers, document("text/plain", r#""{\"b\": 1}""#)).unwrap();
@@ -514,6 +635,93 @@ mod tests {
         assert!(decode(&headers, both.to_vec()).is_err());
         let base64 = br#"{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"application/json","data_base64":"eyJhIjogMX0="}"#;
         assert_eq!(decode(&headers, base64.to_vec()).unwrap().data.as_deref(), Some(&br#"{"a": 1}"#[..]));
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    fn structured_document(members: &str) -> Vec<u8> {
+        format!(r#"{{"specversion":"1.0","id":"1","source":"s","type":"t"{members}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn json_data_deeper_than_the_limit_is_refused_in_both_modes() {
+        let structured = binary(&[("content-type", STRUCTURED)]);
+        let mut json = binary(&MINIMAL);
+        json.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let at_limit = nested(MAX_JSON_DEPTH);
+        let past = nested(MAX_JSON_DEPTH + 1);
+        assert!(decode(&json, at_limit.clone().into_bytes()).is_ok());
+        assert!(decode(&structured, structured_document(&format!(r#","data":{at_limit}"#))).is_ok());
+        let Err(Rejection::InvalidEvent(m)) = decode(&json, past.clone().into_bytes()) else { panic!("binary") };
+        assert!(m.contains("nested deeper than 127"), "{m}");
+        let Err(Rejection::InvalidEvent(m)) = decode(&structured, structured_document(&format!(r#","data":{past}"#))) else {
+            panic!("structured")
+        };
+        assert!(m.contains("nested deeper than 127"), "{m}");
+        // Not JSON data: bytes, taken whatever they look like.
+        let mut text = binary(&MINIMAL);
+        text.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(decode(&text, past.into_bytes()).is_ok());
+        // The hash of data at the limit is a JSON hash: whitespace does not count.
+        let spaced = format!("{} 1 {}", "[ ".repeat(MAX_JSON_DEPTH), " ]".repeat(MAX_JSON_DEPTH));
+        assert_eq!(
+            decode(&json, spaced.into_bytes()).unwrap().payload_sha256(),
+            decode(&json, at_limit.into_bytes()).unwrap().payload_sha256()
+        );
+    }
+
+    #[test]
+    fn attributes_and_json_data_are_kept_as_the_sender_wrote_them() {
+        let mut headers = binary(&MINIMAL);
+        headers.insert("ce-time", HeaderValue::from_static("2026-12-01T07:00:00Z"));
+        headers.insert("ce-dataschema", HeaderValue::from_static("HTTP://Example.com/a/../schema"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let from_binary = decode(&headers, b"{\n  \"b\": 1, \"a\": 2\n}".to_vec()).unwrap();
+        assert_eq!(from_binary.time(), Some("2026-12-01T07:00:00Z"));
+        assert_eq!(from_binary.dataschema(), Some("HTTP://Example.com/a/../schema"));
+        let document = structured_document(
+            r#", "time": "2026-12-01T07:00:00.000Z", "dataschema": "http://example.com/schema",
+               "data" : { "b": 1,
+                          "a": 2 } "#,
+        );
+        let from_structured = decode(&binary(&[("content-type", STRUCTURED)]), document).unwrap();
+        assert_eq!(from_structured.time(), Some("2026-12-01T07:00:00.000Z"));
+        assert_eq!(from_structured.dataschema(), Some("http://example.com/schema"));
+        assert_eq!(from_structured.data(), Some(&b"{ \"b\": 1,\n                          \"a\": 2 }"[..]));
+        // Spellings of one URL, one instant or one JSON value are one payload.
+        let mut same = from_structured.clone();
+        same.id = from_binary.id.clone();
+        same.source = from_binary.source.clone();
+        same.ty = from_binary.ty.clone();
+        assert_eq!(same.payload_sha256(), from_binary.payload_sha256());
+        // A time that is no RFC 3339 timestamp is still refused.
+        let bad = structured_document(r#","time":"yesterday""#);
+        assert!(decode(&binary(&[("content-type", STRUCTURED)]), bad).is_err());
+    }
+
+    #[test]
+    fn structured_null_data_is_a_payload_and_null_attributes_are_absent() {
+        let headers = binary(&[("content-type", STRUCTURED)]);
+        let null = decode(&headers, structured_document(r#","data":null,"subject":null,"time":null,"myext":null"#)).unwrap();
+        assert_eq!(null.data(), Some(&b"null"[..]));
+        assert_eq!((null.subject(), null.time()), (None, None));
+        assert!(null.extensions().is_empty());
+        let absent = decode(&headers, structured_document("")).unwrap();
+        assert_eq!(absent.data(), None);
+        assert_ne!(null.payload_sha256(), absent.payload_sha256());
+    }
+
+    #[test]
+    fn repeated_structured_members_are_refused() {
+        let headers = binary(&[("content-type", STRUCTURED)]);
+        for members in [r#","id":"2""#, r#","data":1,"data":2"#, r#","data_base64":"AA==","data_base64":"AA==""#, r#","x":1,"x":1"#] {
+            let Err(Rejection::InvalidEvent(m)) = decode(&headers, structured_document(members)) else { panic!("{members}") };
+            assert!(m.contains("more than once"), "{m}");
+        }
+        let Err(Rejection::InvalidEvent(m)) = decode(&headers, b"[1]".to_vec()) else { panic!() };
+        assert!(m.contains("not a JSON object"), "{m}");
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub fn standard_handlers() -> Vec<HandlerEntry> {
                 "test.emit",
                 "test.sleep",
                 "test.echo",
+                "test.attributes",
                 "test.bad-reply",
                 "test.insert",
                 "test.read-as-integer",

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 both_backends!(
     percent_encoded_attributes_are_decoded,
     undecodable_header_values_are_refused,
+    attributes_holding_forbidden_characters_are_refused,
     duplicate_attribute_headers_are_refused,
     repeated_content_headers_are_refused,
     other_spec_versions_are_refused,
@@ -212,6 +213,46 @@ async fn undecodable_header_values_are_refused(backend: Backend) {
     let answer = app.post(&headers, event.data_bytes()).await;
     assert_invalid(&answer, "control characters");
     assert_nothing_stored(&app).await;
+}
+
+/// The CloudEvents String type forbids control characters (U+0000–U+001F,
+/// U+007F–U+009F) and noncharacters in every attribute, not only the
+/// three that name the event: binary mode can carry them percent-encoded,
+/// structured mode as JSON escapes. A handler, a log line or a replayed
+/// header would get them (the subject `a%0Ab` reached the handler with a
+/// newline). The dead-letter sink still keeps such an event, as received.
+async fn attributes_holding_forbidden_characters_are_refused(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.count");
+    for (header, value, code) in [
+        ("ce-subject", "a%0Ab", "U+000A"),
+        ("ce-subject", "a%C2%85b", "U+0085"),
+        ("ce-traceparent", "x%7F", "U+007F"),
+        ("ce-myext", "%EF%BF%BE", "U+FFFE"),
+        // The URL parser drops the newline silently; the text is kept, and refused.
+        ("ce-dataschema", "https://example.com/a%0Ab", "U+000A"),
+    ] {
+        let mut headers = event.binary_headers();
+        headers.push((header.to_owned(), value.to_owned()));
+        let answer = app.post(&headers, event.data_bytes()).await;
+        assert_invalid(&answer, code);
+        assert_invalid(&answer, &format!("`{}`", header.trim_start_matches("ce-")));
+    }
+    let document = format!(
+        r#"{{"specversion":"1.0","id":"{}","source":"{}","type":"test.count","subject":"a\u0007b"}}"#,
+        event.id, event.source
+    );
+    let structured = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    let answer = app.post(&structured, document.into_bytes()).await;
+    assert_invalid(&answer, "U+0007");
+    assert_nothing_stored(&app).await;
+
+    let mut headers = with_header(event.binary_headers(), "ce-subject", "a%0Ab");
+    headers.extend(exactly_e2e::event::knative_extensions(400, b"", &format!("{}/", app.address)));
+    app.post_to("/dead-letter", &headers, event.data_bytes()).await.assert_status(202);
+    let items = app.env().dlq_list_json(&[]).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["stored_as"], "raw", "{items:?}");
 }
 
 /// Two `ce-id` headers (or two of any attribute) are ambiguous.

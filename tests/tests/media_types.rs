@@ -17,6 +17,9 @@ both_backends!(
     json_media_types_are_json_data_in_structured_mode,
     json_numbers_are_compared_digit_for_digit,
     an_absent_media_type_is_application_json,
+    json_data_nested_past_the_limit_is_refused_in_both_modes,
+    structured_events_reach_the_handler_as_written,
+    structured_null_data_is_a_payload_of_its_own,
 );
 
 /// `headers` with the one named `name` replaced (or added).
@@ -257,4 +260,113 @@ async fn an_absent_media_type_is_application_json(backend: Backend) {
         assert!(second.is_replay(), "structured first: {structured_first}: {second}");
         assert_eq!(app.effects(&event).await, 1);
     }
+}
+
+fn nested(depth: usize, space: &str) -> Vec<u8> {
+    format!("{}1{}", format!("[{space}").repeat(depth), format!("{space}]").repeat(depth)).into_bytes()
+}
+
+/// JSON data nests at most 127 levels (serde_json's limit, the one a
+/// handler's `serde_json` applies too). Deeper data could not be compared
+/// as JSON, so a redelivery written with other whitespace would look like
+/// another payload: it is refused in both modes, up front (400), and the
+/// dead-letter sink keeps it as received. At the limit, it is JSON like any
+/// other (found by a fresh attacker: structured 400, binary compared byte
+/// for byte).
+async fn json_data_nested_past_the_limit_is_refused_in_both_modes(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let structured_headers = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    let structured_body = |event: &Event, data: &[u8]| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{}","source":"{}","type":"{}","datacontenttype":"application/json","data":{}}}"#,
+            event.id,
+            event.source,
+            event.type_,
+            std::str::from_utf8(data).unwrap()
+        )
+        .into_bytes()
+    };
+
+    let deep = Event::new("test.count");
+    let answer = post_with_content_type(&app, &deep, "application/json", &nested(128, "")).await;
+    let error = answer.assert_error(400, "invalid-event");
+    assert!(error.message.contains("nested deeper than 127"), "{answer}");
+    let answer = app.post(&structured_headers, structured_body(&deep, &nested(128, ""))).await;
+    answer.assert_error(400, "invalid-event");
+    assert_eq!(app.effects(&deep).await, 0);
+    let mut headers = with_header(deep.binary_headers(), "content-type", "application/json");
+    headers.extend(exactly_e2e::event::knative_extensions(400, b"", &format!("{}/", app.address)));
+    app.post_to("/dead-letter", &headers, nested(128, "")).await.assert_status(202);
+    let items = app.env().dlq_list_json(&[]).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["stored_as"], "raw", "{items:?}");
+    assert_eq!(items[0]["data"].as_str().map(str::as_bytes), Some(&nested(128, "")[..]), "kept as received");
+
+    // At the limit: processed once, and the same data written otherwise,
+    // in either mode, is a replay.
+    let event = Event::new("test.count");
+    post_with_content_type(&app, &event, "application/json", &nested(127, "")).await.assert_processed();
+    post_with_content_type(&app, &event, "application/json", &nested(127, " ")).await.assert_replayed();
+    app.post(&structured_headers, structured_body(&event, &nested(127, "\n")))
+        .await
+        .assert_replayed();
+    assert_eq!(app.effects(&event).await, 1);
+}
+
+/// A structured event reaches the handler, and the dead-letter sink, as the
+/// sender wrote it: `time` and `dataschema` in the sender's spelling
+/// (cloudevents-sdk turned `Z` into `+00:00` and normalised URLs), JSON
+/// `data` byte for byte (it was re-serialised). The payload is still
+/// compared as JSON.
+async fn structured_events_reach_the_handler_as_written(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.attributes");
+    let data = "{ \"order_id\": \"1001\",\n  \"lines\": [ 1, 2 ] }";
+    let document = format!(
+        r#"{{"specversion":"1.0","id":"{}","source":"{}","type":"test.attributes",
+            "time":"2026-12-01T07:00:00Z","dataschema":"HTTPS://Example.com/a/../order.json",
+            "datacontenttype":"application/json","data":{data}}}"#,
+        event.id, event.source
+    );
+    let headers = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    app.post(&headers, document.clone().into_bytes()).await.assert_processed();
+    assert_eq!(
+        app.processed_result(&event).await,
+        Some(json!({"time": "2026-12-01T07:00:00Z", "dataschema": "HTTPS://Example.com/a/../order.json", "data": data}))
+    );
+    // The same event, binary, compact, with the URL normalised: a replay.
+    let mut binary = with_header(event.binary_headers(), "content-type", "application/json");
+    binary.push(("ce-dataschema".to_owned(), "https://example.com/order.json".to_owned()));
+    app.post(&binary, br#"{"lines":[1,2],"order_id":"1001"}"#.to_vec()).await.assert_replayed();
+    assert_eq!(app.effects(&event).await, 1);
+
+    // The dead-letter sink keeps the same.
+    let mut headers = headers.to_vec();
+    headers.extend(exactly_e2e::event::knative_extensions(500, b"", &format!("{}/", app.address)));
+    app.post_to("/dead-letter", &headers, document.into_bytes()).await.assert_status(202);
+    let items = app.env().dlq_list_json(&[]).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["stored_as"], "event", "{items:?}");
+    assert_eq!(items[0]["time"], "2026-12-01T07:00:00Z", "{items:?}");
+    assert_eq!(items[0]["dataschema"], "HTTPS://Example.com/a/../order.json", "{items:?}");
+    assert_eq!(items[0]["data"], data, "{items:?}");
+}
+
+/// `"data": null` is an explicit null payload, distinct from no `data`
+/// (CloudEvents JSON format §3.1.1): the handler gets the JSON text `null`,
+/// a binary delivery with the body `null` is the same event, and one with
+/// no body is another payload. A `null` attribute is an absent one (§2.2).
+async fn structured_null_data_is_a_payload_of_its_own(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.attributes");
+    let document = json!({
+        "specversion": "1.0", "id": event.id, "source": event.source, "type": event.type_,
+        "time": null, "subject": null, "data": null,
+    });
+    let headers = [("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    app.post(&headers, serde_json::to_vec(&document).unwrap()).await.assert_processed();
+    assert_eq!(app.processed_result(&event).await, Some(json!({"time": null, "dataschema": null, "data": "null"})));
+    post_with_content_type(&app, &event, "application/json", b"null").await.assert_replayed();
+    post_with_content_type(&app, &event, "application/json", b"").await.assert_error(422, "key-reused");
+    assert_eq!(app.effects(&event).await, 1);
 }

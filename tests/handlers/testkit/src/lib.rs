@@ -17,6 +17,7 @@
 //! | `test.emit` | Ok with a `test.emitted` reply echoing the data |
 //! | `test.sleep` | sleeps `{"ms": N}` milliseconds, then Ok |
 //! | `test.echo` | Ok with the data as the result |
+//! | `test.attributes` | Ok with `{"time", "dataschema", "data"}` as received (`data` as text, `null` when absent) |
 //! | `test.insert` | inserts `{"k", "n", "note"}` (data) into `test_checked` with `?` |
 //! | `test.read-as-integer` | reads `test_checked.note` of `{"k"}` as an integer with `?` |
 //! | anything else | permanent error naming the type |
@@ -116,6 +117,11 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
         // A reply without a type: the host must refuse the outcome.
         "test.bad-reply" => Ok(ran().with_reply(Reply::new(""))),
         "test.echo" => Ok(Outcome::json(data_or_null(&event)?)),
+        "test.attributes" => Ok(Outcome::json(json!({
+            "time": event.time(),
+            "dataschema": event.dataschema(),
+            "data": event.data().map(String::from_utf8_lossy),
+        }))),
         other => Err(Error::permanent(format!(
             "testkit has no behaviour for event type {other:?}"
         ))),
