@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::database_args::DatabaseArgs;
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -86,33 +87,6 @@ struct CommonArgs {
     /// types, and where its migrations are.
     #[arg(long, env = "EXACTLY_HANDLERS", default_value = "handlers.toml")]
     handlers: PathBuf,
-}
-
-/// How to reach the database: every command that touches it takes these.
-#[derive(Args, Debug)]
-pub(crate) struct DatabaseArgs {
-    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
-    /// (the SQLite file is created if missing). Credentials belong in the
-    /// environment, not on the command line.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
-    database_url: String,
-
-    /// PostgreSQL: the most connections EACH handler's own pool opens (its
-    /// events run as its own role), and the most the host's own pool opens
-    /// (dead letters, retention). A handler that holds all of its
-    /// connections cannot take another's. SQLite uses one writer connection.
-    #[arg(long, env = "EXACTLY_DB_MAX_CONNECTIONS", default_value_t = 16)]
-    db_max_connections: u32,
-
-    /// PostgreSQL `statement_timeout` for every statement of an event.
-    #[arg(long, env = "EXACTLY_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    statement_timeout: Duration,
-
-    /// PostgreSQL `lock_timeout`: how long a redelivery waits behind a
-    /// concurrent first delivery of the same event before answering 503.
-    /// SQLite's `busy_timeout`.
-    #[arg(long, env = "EXACTLY_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    lock_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -204,17 +178,6 @@ fn parse_retention(text: &str) -> Result<RetentionWindow, String> {
 impl CommonArgs {
     fn db_options(&self) -> DbOptions {
         self.database.db_options()
-    }
-}
-
-impl DatabaseArgs {
-    pub(crate) fn db_options(&self) -> DbOptions {
-        DbOptions {
-            url: self.database_url.clone(),
-            max_connections: self.db_max_connections,
-            statement_timeout: self.statement_timeout,
-            lock_timeout: self.lock_timeout,
-        }
     }
 }
 

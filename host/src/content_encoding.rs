@@ -24,9 +24,6 @@ use http::header::CONTENT_ENCODING;
 use crate::rejection::Rejection;
 use crate::decode::single_header;
 
-/// What `Accept-Encoding` says on a 415 (RFC 9110 §15.5.16).
-pub const SUPPORTED: &str = "gzip, deflate";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Coding {
     Gzip,
@@ -65,7 +62,9 @@ pub fn decode_body(headers: &HeaderMap, body: Vec<u8>, limit: usize) -> Result<V
 }
 
 /// The codings of a Content-Encoding value, `identity` left out; every one
-/// is checked before anything is decoded.
+/// is checked before anything is decoded. Any other coding is refused, and
+/// the 415 lists [`SUPPORTED_ENCODINGS`](crate::rejection::SUPPORTED_ENCODINGS):
+/// the codings taken here.
 fn parse(value: &str) -> Result<Vec<Coding>, Rejection> {
     let mut codings = Vec::new();
     for name in value.split(',').map(|name| name.trim_matches([' ', '\t'])) {
@@ -184,6 +183,14 @@ mod tests {
         // An empty body labelled with an encoding is an empty body.
         assert_eq!(decode("gzip", Vec::new(), 10).unwrap(), b"");
         assert!(matches!(decode("br", Vec::new(), 10), Err(Rejection::UnsupportedEncoding(_))));
+    }
+
+    /// What the 415 says is supported is decoded here.
+    #[test]
+    fn every_advertised_coding_is_taken() {
+        for coding in crate::rejection::SUPPORTED_ENCODINGS.split(", ") {
+            assert!(parse(coding).is_ok_and(|codings| codings.len() == 1), "{coding}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! The process aborts (SIGABRT: no destructor runs, no connection is closed
 //! politely), as a crash or a SIGKILL would end it.
 
-/// The steps of [`crate::pipeline::Pipeline::process`] a fault can hit.
+/// The steps of the dedup transaction a fault can hit.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Point {
     /// The claim row is inserted; the handler has not run.

@@ -8,8 +8,9 @@
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
 //! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
 //! SQLite; on SQLite
-//! [`storage::sqlite_guard`] makes SQLite enforce the sandbox) → [`answer`] (the one error type and the HTTP answer it maps to).
-//! [`server`] wires HTTP ([`content_encoding`] decodes compressed bodies), [`cli`] the command line, [`metrics`] what
+//! [`storage::sqlite_guard`] makes SQLite enforce the sandbox) → [`answer`] (a processed event's answer; [`rejection`] is the one error type and the HTTP answer it maps to).
+//! [`server`] wires HTTP ([`content_encoding`] decodes compressed bodies), [`cli`] the command line (its database
+//! flags, which `dlq` shares, in `database_args`), [`metrics`] what
 //! `/metrics` reports, [`otel`] the OpenTelemetry export and trace
 //! context, [`retention`] the sweeper that expires dedup records; [`fault`]
 //! holds the test-only crash points, [`sql_switch`] the test-only switch
@@ -20,6 +21,7 @@ pub mod answer;
 pub mod bindings;
 pub mod cli;
 pub mod content_encoding;
+mod database_args;
 pub mod decode;
 pub mod dlq;
 pub mod fault;

@@ -103,6 +103,27 @@ impl LoadedFrom {
     }
 }
 
+/// How the engine allocates each event's instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceAllocation {
+    /// From a pool whose address space is reserved once at start-up: a
+    /// fresh instance per event costs a few microseconds.
+    Pooling,
+    /// Each instance maps its memory when it starts and unmaps it when it
+    /// ends; what the runtime falls back to at start-up when the pool's
+    /// address space cannot be reserved.
+    OnDemand,
+}
+
+impl InstanceAllocation {
+    pub fn label(self) -> &'static str {
+        match self {
+            InstanceAllocation::Pooling => "pooling",
+            InstanceAllocation::OnDemand => "on-demand",
+        }
+    }
+}
+
 /// The series of one event type: counters resolved at start-up, each
 /// histogram on first use.
 struct TypeSeries {
@@ -380,7 +401,7 @@ impl Metrics {
     }
 
     /// How the runtime allocates handler instances, decided at start-up.
-    pub fn instance_allocation(&self, allocation: crate::runtime::InstanceAllocation) {
+    pub fn instance_allocation(&self, allocation: InstanceAllocation) {
         let labels: Labels<1> = [("strategy", Cow::Borrowed(allocation.label()))];
         self.instance_allocation.get_or_create(&labels).set(1);
     }

@@ -5,8 +5,9 @@
 //! Export is on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set: [`exporter`] builds a
 //! tracer provider whose batch processor sends OTLP over HTTP/protobuf, and
-//! [`crate::cli`] puts a `tracing-opentelemetry` layer on it. Unset, there
-//! is no layer, no provider and no thread: the spans stay log fields.
+//! the command line's logging set-up puts a `tracing-opentelemetry` layer on
+//! it. Unset, there is no layer, no provider and no thread: the spans stay
+//! log fields.
 //!
 //! The batch processor exports from a thread of its own, outside the async
 //! runtime, while hyper's client needs the runtime's reactor: the requests

@@ -26,18 +26,10 @@ use crate::decode::CloudEvent;
 use crate::fault::{self, Point};
 use crate::metrics::{EventTimings, Metrics};
 use crate::bindings::exactly::handler::types::{EmittedEvent, Outcome};
-use crate::runtime::{LoadedHandler, Runtime};
+use crate::runtime::{Guards, LoadedHandler, Runtime};
 use crate::policy::Policy;
 use crate::storage::sqlite_guard::SqliteSandbox;
 use crate::storage::{Backend, Claim, Database, Sessions};
-
-/// What stands between a handler's SQL and the database.
-pub struct Guards {
-    /// The first filter: clear refusals, early.
-    pub policy: Arc<Policy>,
-    /// SQLite only: the authorizer and limits SQLite itself enforces.
-    pub sandbox: Option<Arc<SqliteSandbox>>,
-}
 
 /// Namespace of reply ids: `uuid5(REPLY_NAMESPACE, source + "\n" + id)`.
 const REPLY_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_0a6e_2b7c_4c1e_9a43_e8a7_c7d3_b001);

@@ -35,7 +35,7 @@ use sqlparser::ast::{
     BinaryOperator, DataType, Delete, Expr, FromTable, FunctionArguments, Ident, Insert, ObjectName, OnInsert, Query,
     SetExpr, Statement, TableFactor, TableObject, TableWithJoins, TypedString, Visit, Visitor,
 };
-use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
+use sqlparser::dialect::Dialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
@@ -241,7 +241,7 @@ fn verdict_len(verdict: &Verdict) -> usize {
 /// mismatch is the handler's mistake (PostgreSQL would answer with a
 /// protocol error, SQLite would bind NULL for a missing value).
 pub fn placeholder_count(backend: Backend, sql: &str) -> Result<usize, String> {
-    let tokens = Tokenizer::new(dialect(backend), sql)
+    let tokens = Tokenizer::new(backend.dialect(), sql)
         .with_unescape(false)
         .tokenize()
         .map_err(|e| format!("the statement could not be tokenized ({e})"))?;
@@ -265,17 +265,10 @@ fn highest_placeholder(tokens: &[Token]) -> usize {
 pub fn rewrite_placeholders(backend: Backend, sql: &str) -> String {
     match backend {
         Backend::Postgres => sql.to_owned(),
-        Backend::Sqlite => catch_unwind(|| numbered_placeholders(dialect(backend), sql))
+        Backend::Sqlite => catch_unwind(|| numbered_placeholders(backend.dialect(), sql))
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| sql.to_owned()),
-    }
-}
-
-fn dialect(backend: Backend) -> &'static dyn Dialect {
-    match backend {
-        Backend::Postgres => &PostgreSqlDialect {},
-        Backend::Sqlite => &SQLiteDialect {},
     }
 }
 
@@ -333,7 +326,7 @@ fn judge(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<String
 /// takes (the highest `$n`, read from the tokens checked anyway), or the
 /// reason it is refused.
 fn judge_counted(backend: Backend, tables: &HashSet<String>, sql: &str) -> Result<(String, usize), String> {
-    let dialect = dialect(backend);
+    let dialect = backend.dialect();
     if sql.len() > MAX_SQL_BYTES {
         return Err(format!("the statement is longer than {MAX_SQL_BYTES} bytes"));
     }
@@ -796,36 +789,6 @@ impl Visitor for Check<'_> {
     }
 }
 
-/// The table a relation names, if it is in the default schema (`public` on
-/// PostgreSQL, `main` on SQLite) or unqualified.
-fn table_name(name: &ObjectName) -> Option<String> {
-    let parts: Vec<String> = name
-        .0
-        .iter()
-        .map(|part| part.as_ident().map(|ident| ident.value.to_ascii_lowercase()))
-        .collect::<Option<_>>()?;
-    match parts.as_slice() {
-        [table] => Some(table.clone()),
-        [schema, table] if schema == "public" || schema == "main" => Some(table.clone()),
-        _ => None,
-    }
-}
-
-/// The tables a handler's migration creates (`CREATE TABLE`, `CREATE
-/// VIEW`): they are the handler's own. A migration the parser cannot read
-/// is an error, since the handler's tables would be unknown.
-pub fn tables_created_by(backend: Backend, sql: &str) -> Result<Vec<String>, String> {
-    let statements = Parser::parse_sql(dialect(backend), sql).map_err(|e| e.to_string())?;
-    Ok(statements
-        .iter()
-        .filter_map(|statement| match statement {
-            Statement::CreateTable(create) => table_name(&create.name),
-            Statement::CreateView { name, .. } => table_name(name),
-            _ => None,
-        })
-        .collect())
-}
-
 fn is_reserved(name: &ObjectName) -> bool {
     let parts: Vec<String> =
         name.0.iter().filter_map(|part| part.as_ident().map(|ident| ident.value.to_ascii_lowercase())).collect();
@@ -985,13 +948,6 @@ mod tests {
             }
         }
         assert!(judge(Backend::Postgres, &own(), "SELECT count(*), now() FROM orders").is_ok());
-    }
-
-    #[test]
-    fn finds_the_tables_a_migration_creates() {
-        let sql = "CREATE TABLE orders (id text primary key); CREATE INDEX i ON orders (id); CREATE TABLE IF NOT EXISTS Order_Events (x int)";
-        assert_eq!(tables_created_by(Backend::Postgres, sql).unwrap(), ["orders", "order_events"]);
-        assert!(tables_created_by(Backend::Sqlite, "CREATE TABL x").is_err());
     }
 
     #[test]

@@ -7,17 +7,20 @@
 //! question: can a retry help? The answers are chosen for what the Knative
 //! Kafka dispatcher does with them: 5xx is retried, other 4xx go to the
 //! dead-letter sink (a 2xx body must be a CloudEvent or empty). Why a
-//! handler's statement failed ([`crate::tx::convert::StatementFault`]) becomes
-//! one of these when the handler's run is judged.
+//! handler's statement failed becomes one of these when the handler's run
+//! is judged.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::answer::Body;
-
 /// Knative copies `kne-*` response headers onto a dead-lettered event.
 pub const ERROR_HEADER: &str = "kne-exactlyerror";
+
+/// The content codings a request body may be sent in, as `Accept-Encoding`
+/// says them on the 415 of [`Rejection::UnsupportedEncoding`] (RFC 9110
+/// §15.5.16).
+pub const SUPPORTED_ENCODINGS: &str = "gzip, deflate";
 
 /// Who is to blame for a [`Rejection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +48,7 @@ pub enum Rejection {
     DecodedTooLarge { limit: usize, encoding: &'static str },
     #[error(
         "Content-Encoding {0:?} is not supported: send the body as it is, or encoded with {supported}",
-        supported = crate::content_encoding::SUPPORTED
+        supported = SUPPORTED_ENCODINGS
     )]
     UnsupportedEncoding(String),
     #[error("the request body did not arrive within {0:?}")]
@@ -173,7 +176,7 @@ impl Rejection {
         matches!(self, Rejection::PayloadTooLarge(_) | Rejection::DataTooLarge { .. } | Rejection::RequestTimeout(_))
     }
 
-    pub fn into_response(self) -> Response<Body> {
+    pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
@@ -187,7 +190,7 @@ impl Rejection {
             // RFC 9110 §15.5.16: say which codings would have been taken.
             headers.insert(
                 http::header::ACCEPT_ENCODING,
-                HeaderValue::from_static(crate::content_encoding::SUPPORTED),
+                HeaderValue::from_static(SUPPORTED_ENCODINGS),
             );
         }
         response

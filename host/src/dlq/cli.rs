@@ -8,7 +8,7 @@ use super::one_line;
 use crate::printable::is_bidi_formatting;
 use super::replay::{self, ReplayArgs};
 use super::rows::{DeadLetter, Filter, connect, select};
-use crate::cli::DatabaseArgs;
+use crate::database_args::DatabaseArgs;
 
 
 #[derive(Args, Debug)]

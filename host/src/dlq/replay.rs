@@ -14,7 +14,7 @@ use clap::Args;
 use super::one_line;
 use super::raw::{header_lines, is_knative_report};
 use super::rows::{DeadLetter, connect, record, select_one};
-use crate::cli::DatabaseArgs;
+use crate::database_args::DatabaseArgs;
 use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
 use crate::decode::SPEC_VERSION;
 

@@ -12,7 +12,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteConnectOptions;
 
 use super::decode_error_data;
-use crate::cli::DatabaseArgs;
+use crate::database_args::DatabaseArgs;
 use crate::storage::{Backend, Database};
 
 /// Which dead letters `exactly dlq list` shows.

@@ -29,8 +29,10 @@ use crate::tx::{TxLimits, TxState};
 use crate::rejection::{LimitKind, Rejection};
 use crate::decode::CloudEvent;
 use crate::manifest::{HandlerSpec, Manifest};
-use crate::metrics::Metrics;
+use crate::metrics::{InstanceAllocation, Metrics};
+use crate::policy::Policy;
 use crate::storage::EventTx;
+use crate::storage::sqlite_guard::SqliteSandbox;
 use bindings::exactly::handler::types;
 use bindings::HandlerPre;
 
@@ -45,6 +47,14 @@ pub struct Limits {
     /// connection, so the pool size bounds it; the instance pool is sized
     /// from it.
     pub concurrent_runs: u32,
+}
+
+/// What stands between a handler's SQL and the database.
+pub struct Guards {
+    /// The first filter: clear refusals, early.
+    pub policy: Arc<Policy>,
+    /// SQLite only: the authorizer and limits SQLite itself enforces.
+    pub sandbox: Option<Arc<SqliteSandbox>>,
 }
 
 /// The limits one handler's events run under.
@@ -233,7 +243,7 @@ impl Runtime {
     pub async fn run(
         &self,
         handler: &LoadedHandler,
-        guards: &crate::pipeline::Guards,
+        guards: &Guards,
         event: &CloudEvent,
         mut tx: EventTx,
     ) -> (Option<EventTx>, Result<types::Outcome, Rejection>, Duration) {
@@ -414,27 +424,6 @@ const MEMORY_GUARD: u64 = 2 << 20;
 /// Linear memories per instance slot: a Rust component has one; room for
 /// a second.
 const MEMORIES_PER_SLOT: u32 = 2;
-
-/// How the engine allocates each event's instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InstanceAllocation {
-    /// From a pool whose address space is reserved once at start-up: a
-    /// fresh instance per event costs a few microseconds.
-    Pooling,
-    /// Each instance maps its memory when it starts and unmaps it when it
-    /// ends; what [`Runtime::new`] falls back to when the pool's address
-    /// space cannot be reserved.
-    OnDemand,
-}
-
-impl InstanceAllocation {
-    pub fn label(self) -> &'static str {
-        match self {
-            InstanceAllocation::Pooling => "pooling",
-            InstanceAllocation::OnDemand => "on-demand",
-        }
-    }
-}
 
 /// The engine's settings, derived from the limits: how many instances can
 /// run at once, how much address space each linear memory gets, and

@@ -1,13 +1,17 @@
 //! Migrations: the host's own (SQLite's here, PostgreSQL's in
 //! [`super::postgres`]) and each handler's, applied once, in order, each
 //! recorded with its digest so an edited migration stops start-up; which
-//! tables each handler owns, read from the database after migrating.
+//! tables a handler's migration creates, read from its SQL before it runs
+//! ([`tables_created_by`]); which tables each handler owns, read from the
+//! database after migrating.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
+use sqlparser::ast::{ObjectName, Statement};
+use sqlparser::parser::Parser;
 use sqlx::{AssertSqlSafe, Sqlite, SqlitePool, Transaction};
 
 use crate::manifest::Manifest;
@@ -166,7 +170,7 @@ async fn claim_named_sqlite_tables(
     name: &str,
     sql: &str,
 ) -> anyhow::Result<()> {
-    let named = crate::policy::tables_created_by(Backend::Sqlite, sql)
+    let named = tables_created_by(Backend::Sqlite, sql)
         .map_err(|e| anyhow::anyhow!("cannot read migration {name} of handler {handler}: {e}"))?;
     for table in named {
         let owner: Option<String> = sqlx::query_scalar("SELECT handler FROM exactly_table_owners WHERE table_name = ?1")
@@ -225,3 +229,44 @@ pub(super) fn read_migrations(dir: &Path) -> anyhow::Result<Vec<(String, String)
     Ok(files)
 }
 
+/// The table a relation names, if it is in the default schema (`public` on
+/// PostgreSQL, `main` on SQLite) or unqualified.
+fn table_name(name: &ObjectName) -> Option<String> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|part| part.as_ident().map(|ident| ident.value.to_ascii_lowercase()))
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [table] => Some(table.clone()),
+        [schema, table] if schema == "public" || schema == "main" => Some(table.clone()),
+        _ => None,
+    }
+}
+
+/// The tables a handler's migration creates (`CREATE TABLE`, `CREATE
+/// VIEW`): they are the handler's own. A migration the parser cannot read
+/// is an error, since the handler's tables would be unknown.
+pub(super) fn tables_created_by(backend: Backend, sql: &str) -> Result<Vec<String>, String> {
+    let statements = Parser::parse_sql(backend.dialect(), sql).map_err(|e| e.to_string())?;
+    Ok(statements
+        .iter()
+        .filter_map(|statement| match statement {
+            Statement::CreateTable(create) => table_name(&create.name),
+            Statement::CreateView { name, .. } => table_name(name),
+            _ => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_tables_a_migration_creates() {
+        let sql = "CREATE TABLE orders (id text primary key); CREATE INDEX i ON orders (id); CREATE TABLE IF NOT EXISTS Order_Events (x int)";
+        assert_eq!(tables_created_by(Backend::Postgres, sql).unwrap(), ["orders", "order_events"]);
+        assert!(tables_created_by(Backend::Sqlite, "CREATE TABL x").is_err());
+    }
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlparser::dialect::{Dialect, PostgreSqlDialect, SQLiteDialect};
 use sqlx::{Connection, PgPool, SqlitePool};
 
 use crate::rejection::Rejection;
@@ -52,6 +53,15 @@ impl Backend {
         match self {
             Backend::Postgres => "postgres",
             Backend::Sqlite => "sqlite",
+        }
+    }
+
+    /// The `sqlparser` dialect that reads this backend's SQL: the one the
+    /// statement policy and the migration reader both parse with.
+    pub fn dialect(self) -> &'static dyn Dialect {
+        match self {
+            Backend::Postgres => &PostgreSqlDialect {},
+            Backend::Sqlite => &SQLiteDialect {},
         }
     }
 }

@@ -41,7 +41,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres, Row, Transaction};
 
-use super::migrate::{check_applied, handler_tables, read_migrations};
+use super::migrate::{check_applied, handler_tables, read_migrations, tables_created_by};
 use super::{ACQUIRE_TIMEOUT, DbOptions, HOST_OWNER};
 use crate::manifest::{HandlerSpec, Manifest};
 
@@ -267,7 +267,7 @@ async fn claim_named_tables(
     let owners: HashMap<String, String> =
         manifest.handlers.iter().map(|h| (roles_of(prefix, &h.name).owner, h.name.clone())).collect();
     for (name, sql) in files {
-        let named = crate::policy::tables_created_by(super::Backend::Postgres, sql)
+        let named = tables_created_by(super::Backend::Postgres, sql)
             .map_err(|e| anyhow::anyhow!("cannot read migration {name} of handler {}: {e}", handler.name))?;
         for table in named {
             let row = sqlx::query(

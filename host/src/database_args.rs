@@ -1,0 +1,49 @@
+//! How to reach the database: the flags every command that touches it
+//! takes (`serve`, `migrate`, `dlq list`, `dlq replay`), with the same
+//! names, environment fallbacks and defaults in each, so that a `dlq`
+//! command given the environment of `serve` opens the database `serve`
+//! writes.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::storage::DbOptions;
+
+/// How to reach the database: every command that touches it takes these.
+#[derive(Args, Debug)]
+pub(crate) struct DatabaseArgs {
+    /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
+    /// (the SQLite file is created if missing). Credentials belong in the
+    /// environment, not on the command line.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
+    pub(crate) database_url: String,
+
+    /// PostgreSQL: the most connections EACH handler's own pool opens (its
+    /// events run as its own role), and the most the host's own pool opens
+    /// (dead letters, retention). A handler that holds all of its
+    /// connections cannot take another's. SQLite uses one writer connection.
+    #[arg(long, env = "EXACTLY_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub(crate) db_max_connections: u32,
+
+    /// PostgreSQL `statement_timeout` for every statement of an event.
+    #[arg(long, env = "EXACTLY_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    statement_timeout: Duration,
+
+    /// PostgreSQL `lock_timeout`: how long a redelivery waits behind a
+    /// concurrent first delivery of the same event before answering 503.
+    /// SQLite's `busy_timeout`.
+    #[arg(long, env = "EXACTLY_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    lock_timeout: Duration,
+}
+
+impl DatabaseArgs {
+    pub(crate) fn db_options(&self) -> DbOptions {
+        DbOptions {
+            url: self.database_url.clone(),
+            max_connections: self.db_max_connections,
+            statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
+        }
+    }
+}
