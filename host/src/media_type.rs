@@ -7,8 +7,8 @@
 //! Senders differ in the spelling they use (the JavaScript SDK sends
 //! `application/json; charset=utf-8`, the Go SDK `application/json`), and a
 //! redelivery may travel another way than the first delivery. [`canonical`]
-//! is the one spelling of each media type: the payload identity hashes it
-//! ([`crate::decode::CloudEvent::payload_sha256`]), so two spellings of one
+//! is the one spelling of each media type: the payload identity (the
+//! event's payload hash) hashes it, so two spellings of one
 //! media type are the same payload and two media types are not.
 //! [`is_json`] says whether data of a media type is JSON, in both modes.
 
