@@ -6,7 +6,7 @@
 //! types) → [`manifest`] routing (type →
 //! handler) → [`pipeline`] (the dedup transaction: claim, run, store, commit)
 //! → [`runtime`] (the wasm sandbox and its `tx` / `log` imports, guarded by
-//! [`policy`] and converted by [`convert`]) → [`storage`] (PostgreSQL or
+//! [`policy`], converted and executed by [`tx`]) → [`storage`] (PostgreSQL or
 //! SQLite; on SQLite
 //! [`storage::sqlite_guard`] makes SQLite enforce the sandbox) → [`answer`] (a processed event's answer; [`rejection`] is the one error type and the HTTP answer it maps to).
 //! [`server`] wires HTTP ([`content_encoding`] decodes compressed bodies), [`cli`] the command line (its database
