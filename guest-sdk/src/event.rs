@@ -78,7 +78,9 @@ impl Event {
     }
 
     /// The payload bytes: in binary mode the HTTP body, in structured mode
-    /// the `data` member as JSON text (or the decoded `data_base64`).
+    /// the `data` member's JSON text exactly as the sender wrote it (a
+    /// string's text for a media type that is not JSON; `null` for an
+    /// explicit null payload), or the decoded `data_base64`.
     pub fn data(&self) -> Option<&[u8]> {
         self.inner.data.as_deref()
     }

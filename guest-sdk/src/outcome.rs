@@ -98,7 +98,12 @@ impl Reply {
         self
     }
 
-    /// Sets raw data bytes with their content type.
+    /// Sets raw data bytes with their content type. The content type is
+    /// sent as the reply's `Content-Type` header: one that is not visible
+    /// ASCII, or that names a CloudEvents event format
+    /// (`application/cloudevents+json`, …: the broker would read the data
+    /// as the event), fails the event with 422 `bad-outcome`, as does a
+    /// reply attribute holding a control character.
     pub fn data(mut self, content_type: impl Into<String>, data: impl Into<Vec<u8>>) -> Self {
         self.data = Some(Ok(data.into()));
         self.datacontenttype = Some(content_type.into());

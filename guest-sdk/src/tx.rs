@@ -176,8 +176,9 @@ impl DbError {
     /// | [`DbErrorKind::Conversion`] | no: the value or the handler's reading of it is wrong |
     /// | a data exception: PostgreSQL SQLSTATE class `22` (a NUL in text, a value out of range, invalid input) | no |
     /// | an integrity violation: not-null (`23502`, SQLite `1299`), check (`23514`, SQLite `275`), other class `23` and SQLite `CONSTRAINT` codes, SQLite `MISMATCH` (`20`), `RANGE` (`25`) | no |
+    /// | a program limit: PostgreSQL SQLSTATE class `54` (an index row past its size, too many columns or arguments, a statement too complex): the event's data, or the statement, is past a limit of the server | no |
     /// | unique (`23505`, SQLite `2067`/`1555`), exclusion (`23P01`), foreign key (`23503`, SQLite `787`) | **yes**: a concurrent insert, or a parent row that arrives later, changes the outcome |
-    /// | anything else the database reported (syntax, an unknown column, …) | yes (retried, then dead-lettered) |
+    /// | anything else the database reported (syntax, an unknown column or table, …) | yes (retried, then dead-lettered: a migration another replica is still applying, or a fixed handler rolled out, can cure it) |
     ///
     /// The codes are the ones [`DbError::code`] carries: a SQLSTATE is
     /// always five characters, an SQLite extended result code at most four
@@ -190,7 +191,7 @@ impl DbError {
             DbErrorKind::ConstraintViolation | DbErrorKind::Failed => match self.code.as_deref() {
                 Some(sqlstate) if sqlstate.len() == 5 => match sqlstate {
                     "23505" | "23P01" | "23503" => true,
-                    _ => !(sqlstate.starts_with("22") || sqlstate.starts_with("23")),
+                    _ => !["22", "23", "54"].iter().any(|class| sqlstate.starts_with(class)),
                 },
                 Some(sqlite) => match sqlite.parse::<u32>() {
                     Ok(2067 | 1555 | 787) => true,
@@ -247,6 +248,8 @@ mod tests {
             (error(Constraint, "23503"), true),    // foreign key
             (error(Constraint, "2067"), true),     // SQLite UNIQUE
             (error(Constraint, "1555"), true),     // SQLite PRIMARYKEY
+            (error(Failed, "54000"), false),       // index row past its size (the event's data)
+            (error(Failed, "54011"), false),       // too many columns
             (error(Failed, "42601"), true),        // syntax: retried
             (error(Failed, "1"), true),            // SQLite ERROR
             (error(DbErrorKind::Refused, "42501"), false),

@@ -17,7 +17,7 @@
 use std::io::Read;
 
 use flate2::bufread::GzDecoder;
-use flate2::read::{DeflateDecoder, ZlibDecoder};
+use flate2::bufread::{DeflateDecoder, ZlibDecoder};
 use http::HeaderMap;
 use http::header::CONTENT_ENCODING;
 
@@ -107,11 +107,21 @@ fn inflate(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Rejecti
                 rest = after;
             }
         }
-        Coding::Deflate if is_zlib(body) => {
-            ZlibDecoder::new(body).take(limit as u64 + 1).read_to_end(&mut decoded).map_err(invalid)?;
-        }
+        // One stream (RFC 1950, RFC 1951 have no members): bytes after its
+        // end are not deflate data, and were silently dropped.
         Coding::Deflate => {
-            DeflateDecoder::new(body).take(limit as u64 + 1).read_to_end(&mut decoded).map_err(invalid)?;
+            let rest = if is_zlib(body) {
+                let mut stream = ZlibDecoder::new(body);
+                (&mut stream).take(limit as u64 + 1).read_to_end(&mut decoded).map_err(invalid)?;
+                stream.into_inner()
+            } else {
+                let mut stream = DeflateDecoder::new(body);
+                (&mut stream).take(limit as u64 + 1).read_to_end(&mut decoded).map_err(invalid)?;
+                stream.into_inner()
+            };
+            if decoded.len() <= limit && !rest.is_empty() {
+                return Err(invalid(std::io::Error::other(format!("{} bytes after the end of the deflate stream", rest.len()))));
+            }
         }
     }
     if decoded.len() > limit {
@@ -164,8 +174,19 @@ mod tests {
         assert_eq!(decode("X-GZip", gzip(&data), 1000).unwrap(), data);
         assert_eq!(decode("identity,gzip , identity", gzip(&data), 1000).unwrap(), data);
         assert_eq!(decode("deflate", zlib.clone(), 1000).unwrap(), data);
-        assert_eq!(decode("deflate", raw, 1000).unwrap(), data);
+        assert_eq!(decode("deflate", raw.clone(), 1000).unwrap(), data);
         assert_eq!(decode("deflate, gzip", gzip(&zlib), 1000).unwrap(), data);
+        // A second stream, or anything, after the first is not deflate data
+        // (it was dropped: the handler saw the first stream only).
+        for trailing in [zlib.clone(), b"TRAILING".to_vec()] {
+            let mut two = zlib.clone();
+            two.extend(trailing);
+            let Err(Rejection::InvalidEvent(m)) = decode("deflate", two, 1000) else { panic!("accepted") };
+            assert!(m.contains("after the end of the deflate stream"), "{m}");
+        }
+        let mut raw_two = raw.clone();
+        raw_two.extend(b"x");
+        assert!(decode("deflate", raw_two, 1000).is_err());
         assert_eq!(decode("identity", data.clone(), 1000).unwrap(), data);
         assert_eq!(decode_body(&HeaderMap::new(), data.clone(), 1000).unwrap(), data);
         // Concatenated gzip members are one gzip body (RFC 1952 §2.2).

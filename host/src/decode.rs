@@ -123,6 +123,16 @@ pub fn decode(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudEvent, Rejectio
         ),
         None => None,
     };
+    // A binary-mode event (ce-specversion) whose Content-Type names an
+    // event format is two events at once: SDKs read it as structured and
+    // ignore the ce-* headers, so what the data holds would be taken for
+    // the event (a dead letter replayed so became another event).
+    if content_type.is_some_and(media_type::is_event_format) && headers.contains_key("ce-specversion") {
+        return Err(invalid(
+            "ambiguous request: binary-mode headers (ce-specversion) with a Content-Type that names a CloudEvents \
+             event format; send the event in one mode",
+        ));
+    }
     match content_type.map(media_type::essence).as_deref() {
         Some(BATCHED) => Err(invalid("batched mode (application/cloudevents-batch+json) is not supported; send one event per request")),
         Some(STRUCTURED) => decode_structured(&body),
@@ -256,6 +266,9 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(text)
                     .map_err(|e| invalid(format!("attribute `data_base64` is not valid base64 ({e})")))?;
+                if datacontenttype.as_deref().is_none_or(media_type::is_json) {
+                    check_json_depth(&bytes)?;
+                }
                 Some(bytes)
             }
             _ => return Err(invalid("attribute `data_base64` must be a string (base64)")),
@@ -295,7 +308,9 @@ fn checked(event: CloudEvent) -> Result<CloudEvent, Rejection> {
     Ok(event)
 }
 
-fn forbidden_in_string(c: char) -> bool {
+/// Whether the CloudEvents String type forbids this character (spec 1.0
+/// "Type System"): a control character or a noncharacter.
+pub fn forbidden_in_string(c: char) -> bool {
     let code = c as u32;
     c.is_control() || (0xFDD0..=0xFDEF).contains(&code) || (code & 0xFFFE) == 0xFFFE
 }
@@ -365,6 +380,10 @@ fn check_json_depth(bytes: &[u8]) -> Result<(), Rejection> {
 /// `dataschema` as the sender wrote it, once it is known to be an
 /// absolute URI (CloudEvents 1.0: type URI).
 fn absolute_uri(text: String) -> Result<String, Rejection> {
+    // The URL parser trims spaces silently; a URI holds none (RFC 3986).
+    if text.contains(' ') {
+        return Err(invalid("attribute `dataschema` is not an absolute URI (it holds a space)"));
+    }
     url::Url::parse(&text).map_err(|e| invalid(format!("attribute `dataschema` is not an absolute URI ({e})")))?;
     Ok(text)
 }
@@ -696,6 +715,11 @@ mod tests {
         same.source = from_binary.source.clone();
         same.ty = from_binary.ty.clone();
         assert_eq!(same.payload_sha256(), from_binary.payload_sha256());
+        // A URI holds no space (the URL parser would trim it silently).
+        let mut spaced = binary(&MINIMAL);
+        spaced.insert("ce-dataschema", HeaderValue::from_static("%20http://example.com/schema"));
+        let Err(Rejection::InvalidEvent(m)) = decode(&spaced, vec![]) else { panic!("a URI with a space") };
+        assert!(m.contains("dataschema") && m.contains("space"), "{m}");
         // A time that is no RFC 3339 timestamp is still refused.
         let bad = structured_document(r#","time":"yesterday""#);
         assert!(decode(&binary(&[("content-type", STRUCTURED)]), bad).is_err());

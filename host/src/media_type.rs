@@ -111,6 +111,15 @@ pub fn essence(text: &str) -> String {
     text.split(';').next().unwrap_or_default().trim_matches(is_space).to_ascii_lowercase()
 }
 
+/// Whether this media type names a CloudEvents event format
+/// (`application/cloudevents+json`, `application/cloudevents-batch+json`,
+/// `+avro`, `+protobuf`, …): a request with such a Content-Type is a
+/// structured-mode event to every SDK (the Java SDK tests the prefix), so
+/// it can never be the data of a binary-mode event.
+pub fn is_event_format(text: &str) -> bool {
+    essence(text).starts_with("application/cloudevents")
+}
+
 /// Whether data of this media type is JSON: `*/json` or `*/*+json`, any
 /// case, any parameters.
 pub fn is_json(text: &str) -> bool {

@@ -285,9 +285,37 @@ fn check_outcome_size(outcome: &Outcome, max_bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent) -> Result<ReplyEvent, String> {
-    if reply.type_.is_empty() || reply.type_.chars().any(char::is_control) {
-        return Err(format!("reply type {:?} is empty or has control characters", reply.type_));
+/// A reply the host can send as a CloudEvent in binary mode, or why not
+/// (422 `bad-outcome`: the same event makes the handler answer the same).
+fn check_reply(reply: &EmittedEvent) -> Result<(), String> {
+    if reply.type_.is_empty() {
+        return Err("reply type is empty".into());
+    }
+    if reply.source.as_deref() == Some("") {
+        return Err("reply source is empty".into());
+    }
+    // The reply travels as headers: every attribute a CloudEvents String
+    // (no control characters, no noncharacters), its media type a header
+    // value as sent, and never an event format (the broker would read the
+    // data as the event, with an id the handler chose).
+    let strings = [("type", Some(&reply.type_)), ("source", reply.source.as_ref()), ("subject", reply.subject.as_ref())]
+        .into_iter()
+        .chain([("datacontenttype", reply.datacontenttype.as_ref())])
+        .chain(reply.extensions.iter().map(|(name, value)| (name.as_str(), Some(value))));
+    for (name, value) in strings {
+        if let Some(c) = value.and_then(|value| value.chars().find(|&c| crate::decode::forbidden_in_string(c))) {
+            return Err(format!("reply attribute {name:?} holds U+{:04X}, which a CloudEvents String may not hold", c as u32));
+        }
+    }
+    if let Some(content_type) = &reply.datacontenttype {
+        if !content_type.bytes().all(|b| b.is_ascii_graphic() || b == b' ') || http::HeaderValue::from_str(content_type).is_err() {
+            return Err(format!("reply datacontenttype {content_type:?} is not a Content-Type header value (visible ASCII)"));
+        }
+        if crate::media_type::is_event_format(content_type) {
+            return Err(format!(
+                "reply datacontenttype {content_type:?} names a CloudEvents event format: the reply's data would be read as the event"
+            ));
+        }
     }
     for (name, _) in &reply.extensions {
         let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
@@ -297,6 +325,11 @@ fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent)
             return Err(format!("reply extension name {name:?} is not a valid CloudEvents extension name"));
         }
     }
+    Ok(())
+}
+
+fn reply_event(handler: &LoadedHandler, event: &CloudEvent, reply: EmittedEvent) -> Result<ReplyEvent, String> {
+    check_reply(&reply)?;
     // The reply continues the event's trace, unless the handler set a
     // `traceparent` of its own (then its `tracestate` stays its own too).
     let mut extensions = reply.extensions;
@@ -330,6 +363,30 @@ pub fn reply_id(source: &str, id: &str) -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply travels as headers of a binary-mode CloudEvent: its strings
+    /// follow the CloudEvents String rule, its media type is a header value
+    /// and never an event format (found by a fresh attacker: a reply whose
+    /// datacontenttype was application/cloudevents+json would be read by
+    /// the broker as the event its data holds, with an id of the
+    /// handler's choosing; one not a header value was dropped silently).
+    #[test]
+    fn replies_the_host_cannot_send_as_they_are_are_bad_outcomes() {
+        assert!(check_reply(&reply(1)).is_ok());
+        let bad = [
+            EmittedEvent { datacontenttype: Some("application/cloudevents+json".into()), ..reply(1) },
+            EmittedEvent { datacontenttype: Some("Application/CloudEvents-Batch+JSON; charset=utf-8".into()), ..reply(1) },
+            EmittedEvent { datacontenttype: Some("text/plain; charset=é".into()), ..reply(1) },
+            EmittedEvent { subject: Some("a\nb".into()), ..reply(1) },
+            EmittedEvent { source: Some("urn:\u{85}".into()), ..reply(1) },
+            EmittedEvent { source: Some(String::new()), ..reply(1) },
+            EmittedEvent { extensions: vec![("ext".into(), "\u{fffe}".into())], ..reply(1) },
+            EmittedEvent { type_: "t\r".into(), ..reply(1) },
+        ];
+        for reply in bad {
+            assert!(check_reply(&reply).is_err(), "{reply:?}");
+        }
+    }
 
     fn reply(data: usize) -> EmittedEvent {
         EmittedEvent {

@@ -121,6 +121,16 @@ async fn unsupported_and_broken_encodings_are_refused(backend: Backend) {
         .await;
     let error = answer.assert_error(400, "invalid-event");
     assert!(error.message.contains("deflate"), "{answer}");
+    // A deflate body is one stream: a second one, or anything after the
+    // first, is refused (the rest was dropped silently: the handler saw
+    // `{"n": 1}` of `{"n": 1}` + more; found by a fresh attacker).
+    for trailing in [zlib(b" and more"), b"TRAILING".to_vec()] {
+        let mut two = zlib(&event.data_bytes());
+        two.extend(trailing);
+        let answer = app.post(&encoded(event.binary_headers(), "deflate"), two).await;
+        let error = answer.assert_error(400, "invalid-event");
+        assert!(error.message.contains("after the end of the deflate stream"), "{answer}");
+    }
 
     assert_eq!(app.processed_count().await, 0);
     app.send_binary(&event).await.assert_processed();

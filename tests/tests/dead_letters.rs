@@ -26,6 +26,8 @@ both_backends!(
     dead_letters_may_be_larger_than_events,
     quota_answers_503_and_retention_frees_it,
     events_with_many_extensions_are_taken,
+    a_problem_quoting_the_request_is_stored,
+    events_binary_mode_cannot_carry_replay_as_received,
 );
 
 /// What the Knative dispatcher adds to the event it dead-letters, after
@@ -831,4 +833,79 @@ async fn events_with_many_extensions_are_taken(backend: Backend) {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["stored_as"], "event");
     assert_eq!(items[0]["extensions"]["ext299"], "v299");
+}
+
+/// The problem a raw dead letter is stored with may quote the request: a
+/// structured member name holding U+0000, repeated. PostgreSQL's `text`
+/// cannot hold U+0000: the insert failed and the sink answered 500 on every
+/// delivery, until the dispatcher gave up and the dead letter was lost
+/// (found by a fresh attacker). It is stored, the quote escaped.
+async fn a_problem_quoting_the_request_is_stored(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut headers = vec![("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    headers.extend(exactly_e2e::event::knative_extensions(400, b"", &format!("{}/", app.address)));
+    let body = br#"{"specversion":"1.0","id":"dl-nul","source":"urn:att","type":"t","x\u0000":1,"x\u0000":2}"#;
+    app.post_to("/dead-letter", &headers, body.to_vec()).await.assert_status(202);
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["stored_as"], "raw");
+    let problem = items[0]["problem"].as_str().expect("a problem");
+    assert!(problem.contains("more than once") && problem.contains("\\u{0}"), "{problem}");
+    assert_eq!(items[0]["data"].as_str().map(str::as_bytes), Some(&body[..]), "the body as received");
+}
+
+/// An event received structured that binary mode cannot carry goes back
+/// structured: one whose datacontenttype names an event format (replayed
+/// binary, its data was taken for the event: another event, of the
+/// sender's choosing, committed), one whose text data is present but
+/// empty (replayed binary: no data, 422 key-reused). Found by a fresh
+/// attacker. And the event path refuses the ambiguous binary request.
+async fn events_binary_mode_cannot_carry_replay_as_received(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let to = format!("{}/", app.address);
+    let structured = |event: &Event, members: &str| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{}","source":"{}","type":"{}"{members}}}"#,
+            event.id, event.source, event.type_
+        )
+        .into_bytes()
+    };
+    let mut headers = vec![("content-type".to_owned(), "application/cloudevents+json".to_owned())];
+    headers.extend(exactly_e2e::event::knative_extensions(500, b"", &to));
+
+    let outer = Event::new("test.count");
+    let victim = Event::new("test.count");
+    let inner = format!(
+        r#","datacontenttype":"application/cloudevents+json","data":{{"specversion":"1.0","id":"{}","source":"{}","type":"test.count"}}"#,
+        victim.id, victim.source
+    );
+    let empty = Event::new("test.attributes");
+    for (event, members) in [(&outer, inner.as_str()), (&empty, r#","datacontenttype":"text/plain","data":"""#)] {
+        app.post_to("/dead-letter", &headers, structured(event, members)).await.assert_status(202);
+    }
+    // The empty one was processed once already: its replay must replay.
+    let answer = app.post(&headers[..1], structured(&empty, r#","datacontenttype":"text/plain","data":"""#)).await;
+    answer.assert_processed();
+    assert_eq!(app.processed_result(&empty).await, Some(json!({"time": null, "dataschema": null, "data": ""})));
+
+    let items = list_json(app.env(), &[]).await;
+    assert_eq!(items.len(), 2, "{items:?}");
+    for item in &items {
+        assert_eq!(item["stored_as"], "event", "{item}");
+        let id = id_of(item).to_string();
+        let stdout = stdout_of(&app.env().dlq(&["replay", &id, "--to", &to]).await, "exactly dlq replay");
+        assert!(stdout.contains("replayed to"), "{stdout}");
+    }
+    assert_eq!(app.effects(&outer).await, 1, "the dead letter's own event ran");
+    assert_eq!(app.effects(&victim).await, 0, "its data was not taken for an event");
+    assert_eq!(app.effects(&empty).await, 1, "the empty-data event replayed, not reprocessed");
+
+    // The same shape in binary mode on the event path is ambiguous: 400.
+    let mut binary = victim.binary_headers();
+    binary.retain(|(name, _)| name != "content-type");
+    binary.push(("content-type".to_owned(), "application/cloudevents+json".to_owned()));
+    let answer = app.post(&binary, structured(&outer, "")).await;
+    let error = answer.assert_error(400, "invalid-event");
+    assert!(error.message.contains("ambiguous"), "{answer}");
+    assert_eq!(app.effects(&victim).await, 0);
 }

@@ -293,6 +293,15 @@ async fn json_data_nested_past_the_limit_is_refused_in_both_modes(backend: Backe
     assert!(error.message.contains("nested deeper than 127"), "{answer}");
     let answer = app.post(&structured_headers, structured_body(&deep, &nested(128, ""))).await;
     answer.assert_error(400, "invalid-event");
+    // Also as data_base64 under a JSON media type (found by a fresh
+    // attacker: 202, and its binary redelivery 400).
+    use base64::Engine;
+    let base64 = base64::engine::general_purpose::STANDARD.encode(nested(128, ""));
+    let document = format!(
+        r#"{{"specversion":"1.0","id":"{}","source":"{}","type":"test.count","datacontenttype":"application/json","data_base64":"{base64}"}}"#,
+        deep.id, deep.source
+    );
+    app.post(&structured_headers, document.into_bytes()).await.assert_error(400, "invalid-event");
     assert_eq!(app.effects(&deep).await, 0);
     let mut headers = with_header(deep.binary_headers(), "content-type", "application/json");
     headers.extend(exactly_e2e::event::knative_extensions(400, b"", &format!("{}/", app.address)));

@@ -12,6 +12,7 @@
 //! computed from the raw form, so a redelivery of the same request is one
 //! row.
 
+use crate::printable::printable;
 use percent_encoding::percent_decode;
 use sha2::{Digest, Sha256};
 
@@ -61,7 +62,7 @@ impl Raw {
         hasher.update((body.len() as u64).to_be_bytes());
         hasher.update(body);
         let header = |name: &str| {
-            headers.get(name).map(|value| printable(&percent_decode(value.as_bytes()).decode_utf8_lossy()))
+            headers.get(name).map(|value| printable(&percent_decode(value.as_bytes()).decode_utf8_lossy()).into_owned())
         };
         let structured = headers
             .get(http::header::CONTENT_TYPE)
@@ -70,8 +71,8 @@ impl Raw {
         let json = if structured { serde_json::from_slice::<serde_json::Value>(body).ok() } else { None };
         let member = |name: &str| {
             json.as_ref().and_then(|json| json.get(name)).map(|value| match value {
-                serde_json::Value::String(text) => printable(text),
-                other => printable(&other.to_string()),
+                serde_json::Value::String(text) => printable(text).into_owned(),
+                other => printable(&other.to_string()).into_owned(),
             })
         };
         let attribute = |name: &str| header(&format!("ce-{name}")).or_else(|| member(name));
@@ -101,14 +102,6 @@ impl Raw {
             dedup_key: hasher.finalize().into(),
         }
     }
-}
-
-/// Text any column can hold: control characters (U+0000 among them)
-/// escaped as `\u{…}`.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() })
-        .collect()
 }
 
 /// The raw form's headers back as `(name, value)` pairs, for a replay.

@@ -118,7 +118,8 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// The original event in binary mode: `ce-*` headers, percent-encoded as
-/// the HTTP binding requires, and the data as the body. The `knativeerror*`
+/// the HTTP binding requires, and the data as the body; in structured mode
+/// when binary mode cannot carry it as received ([`binary_cannot_carry`]). The `knativeerror*`
 /// extensions are Knative's report about the failure, not part of the event.
 ///
 /// A dead letter kept raw goes back as it came: its headers byte for byte
@@ -126,6 +127,9 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
     if let Some(raw) = &dead_letter.raw_headers {
         return raw_request(raw, dead_letter, target);
+    }
+    if binary_cannot_carry(dead_letter).is_some() {
+        return structured_request(dead_letter, target);
     }
     /// Space, `"`, `%`, controls and (always) non-ASCII.
     const ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
@@ -163,6 +167,85 @@ fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Resul
     }
     let body = Bytes::from(dead_letter.data.clone().unwrap_or_default());
     Ok(request.body(Full::new(body))?)
+}
+
+/// The most extensions a binary replay sends as headers: `exactly`
+/// refuses requests of more than 1,000 header lines (431).
+const MAX_BINARY_EXTENSIONS: usize = 900;
+
+/// Why binary mode would not carry this event as it was received (it was
+/// received structured): a datacontenttype that names an event format (the
+/// receiver would read the data as the event), or that is no visible-ASCII
+/// header value; data that is present but empty (an empty body is no
+/// data); more extensions than header lines a receiver takes.
+fn binary_cannot_carry(dead_letter: &DeadLetter) -> Option<&'static str> {
+    let content_type = dead_letter.datacontenttype.as_deref();
+    if content_type.is_some_and(crate::media_type::is_event_format) {
+        Some("its datacontenttype names a CloudEvents event format")
+    } else if content_type.is_some_and(|text| !text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')) {
+        Some("its datacontenttype is not a visible-ASCII header value")
+    } else if dead_letter.data.as_deref().is_some_and(<[u8]>::is_empty) {
+        Some("its data is present but empty")
+    } else if dead_letter.extensions.len() > MAX_BINARY_EXTENSIONS {
+        Some("it has more extensions than header lines a receiver takes")
+    } else {
+        None
+    }
+}
+
+/// The original event in structured mode (`application/cloudevents+json`),
+/// for the events binary mode cannot carry ([`binary_cannot_carry`]): every
+/// attribute as a member, JSON data (a JSON media type, or none) as the
+/// very text received, other UTF-8 data as a string, other bytes as
+/// `data_base64`.
+fn structured_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
+    use serde_json::Value;
+    let mut document = serde_json::Map::new();
+    let mut put = |name: &str, value: Value| {
+        document.insert(name.to_owned(), value);
+    };
+    put("specversion", SPEC_VERSION.into());
+    put("id", dead_letter.id.clone().into());
+    put("source", dead_letter.source.clone().into());
+    put("type", dead_letter.ty.clone().into());
+    for (name, value) in [
+        ("subject", &dead_letter.subject),
+        ("time", &dead_letter.time),
+        ("datacontenttype", &dead_letter.datacontenttype),
+        ("dataschema", &dead_letter.dataschema),
+    ] {
+        if let Some(value) = value {
+            put(name, value.clone().into());
+        }
+    }
+    for (name, value) in &dead_letter.extensions {
+        if ![ERROR_CODE, ERROR_DATA, ERROR_DEST].contains(&name.as_str()) {
+            put(name, value.clone());
+        }
+    }
+    let json_data = dead_letter.datacontenttype.as_deref().is_none_or(crate::media_type::is_json);
+    let data = dead_letter.data.as_deref().map(|bytes| match std::str::from_utf8(bytes) {
+        Ok(text) if json_data && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => text.to_owned(),
+        Ok(text) if !json_data => Value::String(text.to_owned()).to_string(),
+        _ => {
+            use base64::Engine;
+            document.insert("data_base64".to_owned(), base64::engine::general_purpose::STANDARD.encode(bytes).into());
+            String::new()
+        }
+    });
+    let mut body = Value::Object(document).to_string();
+    if let Some(data) = data.filter(|data| !data.is_empty()) {
+        body.pop();
+        body.push_str(",\"data\":");
+        body.push_str(&data);
+        body.push('}');
+    }
+    let mut request = Request::post(target.clone());
+    request
+        .headers_mut()
+        .context("building the request")?
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/cloudevents+json"));
+    Ok(request.body(Full::new(Bytes::from(body)))?)
 }
 
 fn raw_request(raw: &[u8], dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
@@ -273,5 +356,66 @@ mod tests {
         assert_eq!(headers["ce-id"], "a%00b");
         assert_eq!(headers.get_all("content-type").iter().collect::<Vec<_>>(), ["a/b", "c/d"]);
         assert!(!headers.contains_key("ce-source") && !headers.contains_key("ce-knativeerrorcode"));
+    }
+
+    /// What binary mode cannot carry goes structured, and decodes to the
+    /// event that was received (found by a fresh attacker: an event whose
+    /// datacontenttype was application/cloudevents+json replayed binary
+    /// and its data was taken for the event; empty text data became no
+    /// data, 422 key-reused).
+    #[test]
+    fn events_binary_mode_cannot_carry_replay_structured_as_received() {
+        let base = || DeadLetter {
+            dead_letter_id: 1,
+            received_at: String::new(),
+            last_received_at: String::new(),
+            deliveries: 1,
+            source: "urn:outer".into(),
+            id: "outer-1".into(),
+            ty: "t".into(),
+            subject: None,
+            time: Some("2026-12-01T07:00:00Z".into()),
+            datacontenttype: None,
+            dataschema: None,
+            extensions: serde_json::from_str(r#"{"knativeerrorcode":"500","myext":"v"}"#).unwrap(),
+            data: None,
+            error_code: Some("500".into()),
+            error_data: None,
+            error_dest: None,
+            replay_attempts: 0,
+            last_replay_at: None,
+            last_replay_to: None,
+            last_replay_status: None,
+            last_replay_error: None,
+            replayed_at: None,
+            problem: None,
+            raw_headers: None,
+        };
+        let inner = br#"{"specversion":"1.0","id":"smuggled","source":"urn:victim","type":"order.created"}"#;
+        let many: serde_json::Map<_, _> = (0..1000).map(|i| (format!("x{i}"), serde_json::Value::from("v"))).collect();
+        let cases = [
+            DeadLetter { datacontenttype: Some("application/cloudevents+json".into()), data: Some(inner.to_vec()), ..base() },
+            DeadLetter { datacontenttype: Some("text/plain".into()), data: Some(Vec::new()), ..base() },
+            DeadLetter { datacontenttype: Some("application/json".into()), data: Some(Vec::new()), ..base() },
+            DeadLetter { datacontenttype: Some("text/plain; charset=é".into()), data: Some(b"caf\xc3\xa9".to_vec()), ..base() },
+            DeadLetter { datacontenttype: Some("application/octet-stream".into()), data: Some(vec![]), ..base() },
+            DeadLetter { extensions: many, data: Some(b"{ \"a\" : 1 }".to_vec()), ..base() },
+        ];
+        for dead_letter in cases {
+            assert!(binary_cannot_carry(&dead_letter).is_some(), "{:?}", dead_letter.datacontenttype);
+            let request = replay_request(&dead_letter, &"http://h/".parse().unwrap()).unwrap();
+            let (parts, body) = request.into_parts();
+            assert_eq!(parts.headers["content-type"], "application/cloudevents+json");
+            let body = futures::executor::block_on(body.collect()).unwrap().to_bytes().to_vec();
+            let event = crate::decode::decode(&parts.headers, body).unwrap();
+            assert_eq!((event.source(), event.id()), ("urn:outer", "outer-1"), "the data is not the event");
+            assert_eq!(event.datacontenttype(), dead_letter.datacontenttype.as_deref());
+            assert_eq!(event.data(), dead_letter.data.as_deref(), "{:?}", dead_letter.datacontenttype);
+            assert_eq!(event.time(), Some("2026-12-01T07:00:00Z"));
+            assert!(event.extensions().iter().all(|(name, _)| name != "knativeerrorcode"));
+            assert!(event.extensions().iter().any(|(name, _)| name == "myext" || name == "x0"));
+        }
+        // Binary mode still carries everything else.
+        assert!(binary_cannot_carry(&DeadLetter { datacontenttype: Some("text/plain".into()), data: Some(b"x".to_vec()), ..base() }).is_none());
     }
 }

@@ -107,7 +107,9 @@ impl Letter {
             error_data: raw.error_data,
             dedup_key: raw.dedup_key,
             dest: raw.dest,
-            problem: Some(problem),
+            // The problem may quote the request (a member name holding
+            // U+0000, which PostgreSQL's text cannot store: 500 for ever).
+            problem: Some(crate::printable::printable(&problem).into_owned()),
             raw_headers: Some(raw.headers),
         }
     }

@@ -39,7 +39,8 @@ pub enum ErrorClass {
     /// The data can never be stored as it is: data exceptions (class `22`:
     /// a NUL in text, a value out of range, invalid input syntax) and the
     /// integrity violations a retry cannot cure (not-null `23502`, check
-    /// `23514`, restrict `23001`, `23000`); SQLite `CONSTRAINT_NOTNULL`,
+    /// `23514`, restrict `23001`, `23000`), program limits (class `54`: an
+    /// index row past its size); SQLite `CONSTRAINT_NOTNULL`,
     /// `CONSTRAINT_CHECK`, `CONSTRAINT_DATATYPE` and other constraints not
     /// listed under [`ErrorClass::Conflict`], `MISMATCH`, `RANGE`.
     Data,
@@ -95,7 +96,7 @@ impl ErrorClass {
             _ => match code.get(..2).unwrap_or("") {
                 "08" | "53" | "58" | "28" => Unavailable,
                 "40" => Contention,
-                "22" | "23" => Data,
+                "22" | "23" | "54" => Data,
                 _ => Other,
             },
         }
@@ -152,6 +153,7 @@ mod tests {
             ("22003", Data),
             ("22P02", Data),
             ("23502", Data),
+            ("54000", Data),
             ("23514", Data),
             ("23505", Conflict),
             ("23503", Conflict),
