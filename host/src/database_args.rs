@@ -14,7 +14,8 @@ use crate::storage::DbOptions;
 #[derive(Args, Debug)]
 pub(crate) struct DatabaseArgs {
     /// Database URL: `postgres://user@host/db` or `sqlite://path/to/file.db`
-    /// (the SQLite file is created if missing). Credentials belong in the
+    /// (`serve` and `migrate` create a missing SQLite file; `dlq` commands
+    /// refuse one, a mistyped path is no new database). Credentials belong in the
     /// environment, not on the command line.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://exactly.db")]
     pub(crate) database_url: String,
