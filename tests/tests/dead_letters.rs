@@ -909,3 +909,23 @@ async fn events_binary_mode_cannot_carry_replay_as_received(backend: Backend) {
     assert!(error.message.contains("ambiguous"), "{answer}");
     assert_eq!(app.effects(&victim).await, 0);
 }
+
+/// `dlq` commands never create a SQLite file (`serve` and `migrate` do): a
+/// mistyped path is an error that names it, not a new, empty database
+/// whose `list` prints nothing.
+#[tokio::test]
+async fn dlq_commands_refuse_a_missing_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mistyped.db");
+    let url = format!("sqlite://{}", path.display());
+    let output = tokio::process::Command::new(exactly_e2e::app::exactly_binary())
+        .args(["dlq", "list", "--database-url", &url])
+        .env_remove("DATABASE_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("does not exist") && stderr.contains("mistyped.db"), "{stderr}");
+    assert!(!path.exists(), "no file was created");
+}

@@ -306,22 +306,22 @@ fn source_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn replay_leaves_out_knatives_error_extensions_and_percent_encodes() {
-        let dead_letter = DeadLetter {
+    /// A stored event-form dead letter of type `t`, no data, not replayed.
+    fn dead_letter() -> DeadLetter {
+        DeadLetter {
             dead_letter_id: 1,
             received_at: String::new(),
             last_received_at: String::new(),
             deliveries: 1,
-            source: "urn:a b".into(),
-            id: "é".into(),
+            source: "urn:s".into(),
+            id: "1".into(),
             ty: "t".into(),
-            subject: Some("s".into()),
+            subject: None,
             time: None,
-            datacontenttype: Some("application/json".into()),
+            datacontenttype: None,
             dataschema: None,
-            extensions: serde_json::from_str(r#"{"knativeerrorcode":"500","traceparent":"00-x"}"#).unwrap(),
-            data: Some(b"{}".to_vec()),
+            extensions: serde_json::Map::new(),
+            data: None,
             error_code: Some("500".into()),
             error_data: None,
             error_dest: None,
@@ -333,6 +333,19 @@ mod tests {
             replayed_at: None,
             problem: None,
             raw_headers: None,
+        }
+    }
+
+    #[test]
+    fn replay_leaves_out_knatives_error_extensions_and_percent_encodes() {
+        let dead_letter = DeadLetter {
+            source: "urn:a b".into(),
+            id: "é".into(),
+            subject: Some("s".into()),
+            datacontenttype: Some("application/json".into()),
+            extensions: serde_json::from_str(r#"{"knativeerrorcode":"500","traceparent":"00-x"}"#).unwrap(),
+            data: Some(b"{}".to_vec()),
+            ..dead_letter()
         };
         let request = replay_request(&dead_letter, &"http://h/".parse().unwrap()).unwrap();
         let headers = request.headers();
@@ -366,30 +379,11 @@ mod tests {
     #[test]
     fn events_binary_mode_cannot_carry_replay_structured_as_received() {
         let base = || DeadLetter {
-            dead_letter_id: 1,
-            received_at: String::new(),
-            last_received_at: String::new(),
-            deliveries: 1,
             source: "urn:outer".into(),
             id: "outer-1".into(),
-            ty: "t".into(),
-            subject: None,
             time: Some("2026-12-01T07:00:00Z".into()),
-            datacontenttype: None,
-            dataschema: None,
             extensions: serde_json::from_str(r#"{"knativeerrorcode":"500","myext":"v"}"#).unwrap(),
-            data: None,
-            error_code: Some("500".into()),
-            error_data: None,
-            error_dest: None,
-            replay_attempts: 0,
-            last_replay_at: None,
-            last_replay_to: None,
-            last_replay_status: None,
-            last_replay_error: None,
-            replayed_at: None,
-            problem: None,
-            raw_headers: None,
+            ..dead_letter()
         };
         let inner = br#"{"specversion":"1.0","id":"smuggled","source":"urn:victim","type":"order.created"}"#;
         let many: serde_json::Map<_, _> = (0..1000).map(|i| (format!("x{i}"), serde_json::Value::from("v"))).collect();
