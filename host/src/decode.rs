@@ -472,12 +472,16 @@ impl CloudEvent {
         // are one schema.
         let dataschema = self.dataschema.as_deref().map(|text| url::Url::parse(text).map_or_else(|_| text.to_owned(), String::from));
         field(dataschema.as_deref().map(str::as_bytes));
-        let canonical = self.data.as_deref().filter(|_| json).and_then(|bytes| {
+        // Empty data is no data: binary mode cannot tell them apart (an
+        // empty body), so a structured `"data": ""` redelivered binary is the
+        // same payload. (The legacy hash kept them apart, as stored.)
+        let data = self.data.as_deref().filter(|bytes| format.is_none() || !bytes.is_empty());
+        let canonical = data.filter(|_| json).and_then(|bytes| {
             serde_json::from_slice::<serde_json::Value>(bytes)
                 .ok()
                 .map(|v| v.to_string().into_bytes())
         });
-        field(canonical.as_deref().or(self.data.as_deref()));
+        field(canonical.as_deref().or(data));
         hasher.finalize().into()
     }
 }
@@ -735,6 +739,21 @@ mod tests {
         let absent = decode(&headers, structured_document("")).unwrap();
         assert_eq!(absent.data(), None);
         assert_ne!(null.payload_sha256(), absent.payload_sha256());
+    }
+
+    #[test]
+    fn empty_data_is_no_data() {
+        let structured = binary(&[("content-type", STRUCTURED)]);
+        let mut text = binary(&MINIMAL);
+        text.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let empty_binary = decode(&text, Vec::new()).unwrap();
+        for members in [r#","datacontenttype":"text/plain","data":"""#, r#","datacontenttype":"text/plain","data_base64":"""#] {
+            let mut event = decode(&structured, structured_document(members)).unwrap();
+            assert_eq!(event.data(), Some(&b""[..]));
+            event.source = empty_binary.source.clone();
+            event.ty = empty_binary.ty.clone();
+            assert_eq!(event.payload_sha256(), empty_binary.payload_sha256(), "{members}");
+        }
     }
 
     #[test]

@@ -378,4 +378,16 @@ async fn structured_null_data_is_a_payload_of_its_own(backend: Backend) {
     post_with_content_type(&app, &event, "application/json", b"null").await.assert_replayed();
     post_with_content_type(&app, &event, "application/json", b"").await.assert_error(422, "key-reused");
     assert_eq!(app.effects(&event).await, 1);
+
+    // Empty data is no data: binary mode cannot tell them apart, so a
+    // structured `"data": ""` redelivered binary (an empty body) replays
+    // (it was 422 key-reused; found by a fresh attacker).
+    let empty = Event::new("test.attributes");
+    let document = json!({
+        "specversion": "1.0", "id": empty.id, "source": empty.source, "type": empty.type_,
+        "datacontenttype": "text/plain", "data": "",
+    });
+    app.post(&headers, serde_json::to_vec(&document).unwrap()).await.assert_processed();
+    post_with_content_type(&app, &empty, "text/plain", b"").await.assert_replayed();
+    assert_eq!(app.effects(&empty).await, 1);
 }
