@@ -128,7 +128,7 @@ fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Resul
     if let Some(raw) = &dead_letter.raw_headers {
         return raw_request(raw, dead_letter, target);
     }
-    if binary_cannot_carry(dead_letter).is_some() {
+    if binary_cannot_carry(dead_letter) {
         return structured_request(dead_letter, target);
     }
     /// Space, `"`, `%`, controls and (always) non-ASCII.
@@ -173,24 +173,17 @@ fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Resul
 /// refuses requests of more than 1,000 header lines (431).
 const MAX_BINARY_EXTENSIONS: usize = 900;
 
-/// Why binary mode would not carry this event as it was received (it was
+/// Whether binary mode would fail to carry this event as received (it was
 /// received structured): a datacontenttype that names an event format (the
 /// receiver would read the data as the event), or that is no visible-ASCII
 /// header value; data that is present but empty (an empty body is no
 /// data); more extensions than header lines a receiver takes.
-fn binary_cannot_carry(dead_letter: &DeadLetter) -> Option<&'static str> {
+fn binary_cannot_carry(dead_letter: &DeadLetter) -> bool {
     let content_type = dead_letter.datacontenttype.as_deref();
-    if content_type.is_some_and(crate::media_type::is_event_format) {
-        Some("its datacontenttype names a CloudEvents event format")
-    } else if content_type.is_some_and(|text| !text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')) {
-        Some("its datacontenttype is not a visible-ASCII header value")
-    } else if dead_letter.data.as_deref().is_some_and(<[u8]>::is_empty) {
-        Some("its data is present but empty")
-    } else if dead_letter.extensions.len() > MAX_BINARY_EXTENSIONS {
-        Some("it has more extensions than header lines a receiver takes")
-    } else {
-        None
-    }
+    content_type.is_some_and(crate::media_type::is_event_format)
+        || content_type.is_some_and(|text| !text.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        || dead_letter.data.as_deref().is_some_and(<[u8]>::is_empty)
+        || dead_letter.extensions.len() > MAX_BINARY_EXTENSIONS
 }
 
 /// The original event in structured mode (`application/cloudevents+json`),
@@ -396,7 +389,7 @@ mod tests {
             DeadLetter { extensions: many, data: Some(b"{ \"a\" : 1 }".to_vec()), ..base() },
         ];
         for dead_letter in cases {
-            assert!(binary_cannot_carry(&dead_letter).is_some(), "{:?}", dead_letter.datacontenttype);
+            assert!(binary_cannot_carry(&dead_letter), "{:?}", dead_letter.datacontenttype);
             let request = replay_request(&dead_letter, &"http://h/".parse().unwrap()).unwrap();
             let (parts, body) = request.into_parts();
             assert_eq!(parts.headers["content-type"], "application/cloudevents+json");
@@ -410,6 +403,6 @@ mod tests {
             assert!(event.extensions().iter().any(|(name, _)| name == "myext" || name == "x0"));
         }
         // Binary mode still carries everything else.
-        assert!(binary_cannot_carry(&DeadLetter { datacontenttype: Some("text/plain".into()), data: Some(b"x".to_vec()), ..base() }).is_none());
+        assert!(!binary_cannot_carry(&DeadLetter { datacontenttype: Some("text/plain".into()), data: Some(b"x".to_vec()), ..base() }));
     }
 }
