@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::rejection::Rejection;
 use crate::media_type;
+use crate::media_type::{BATCHED, STRUCTURED};
 
 /// A delivered CloudEvent (spec version 1.0), attributes as text.
 ///
@@ -105,8 +106,6 @@ impl CloudEvent {
 }
 
 pub const SPEC_VERSION: &str = "1.0";
-const STRUCTURED: &str = "application/cloudevents+json";
-const BATCHED: &str = "application/cloudevents-batch+json";
 /// The first byte hashed by [`CloudEvent::payload_sha256`]; the legacy
 /// hash starts with 1 (the type is always present).
 const PAYLOAD_FORMAT: u8 = 2;
@@ -204,12 +203,27 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
     checked(CloudEvent { time, dataschema, ..from_sdk(event) })
 }
 
+/// serde_json's error, with what its words leave unclear said: a lone
+/// UTF-16 surrogate escape (`"\ud800"` without its pair) is reported as
+/// "unexpected end of hex escape" or "lone leading surrogate".
+fn json_error(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    if text.contains("hex escape") || text.contains("surrogate") {
+        format!(
+            "{text}: a \\uD800-\\uDFFF escape must be half of a UTF-16 surrogate pair; a lone one is no Unicode \
+             character (RFC 8259 §8.2)"
+        )
+    } else {
+        text
+    }
+}
+
 fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
     let Members(members) = serde_json::from_slice(body).map_err(|e| {
         if e.classify() == serde_json::error::Category::Data {
             invalid("malformed structured CloudEvent: the body is not a JSON object")
         } else {
-            invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({e})"))
+            invalid(format!("malformed structured CloudEvent: the body is not valid JSON ({})", json_error(&e)))
         }
     })?;
     let mut map = serde_json::Map::new();
@@ -224,7 +238,7 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
             "data_base64" => data_base64 = Some(raw),
             _ => {
                 let value = serde_json::from_str(raw.get())
-                    .map_err(|e| invalid(format!("malformed structured CloudEvent: member `{name}` ({e})")))?;
+                    .map_err(|e| invalid(format!("malformed structured CloudEvent: member `{name}` ({})", json_error(&e))))?;
                 map.insert(name, value);
             }
         }
@@ -378,11 +392,16 @@ fn check_json_depth(bytes: &[u8]) -> Result<(), Rejection> {
 }
 
 /// `dataschema` as the sender wrote it, once it is known to be an
-/// absolute URI (CloudEvents 1.0: type URI).
+/// absolute URI (CloudEvents 1.0: type URI). The payload identity compares
+/// it as a URL ([`CloudEvent::payload_sha256`]), so the ASCII characters no
+/// URI holds (RFC 3986 §2; Java's `URI` refuses them too) are refused
+/// rather than read the URL Standard's way: it trims spaces, turns `\`
+/// into `/` (`a\b` would be the same payload as `a/b`) and percent-encodes
+/// `"<>^`{|}`. Non-ASCII is taken as an IRI (RFC 3987 §3.1 maps it).
 fn absolute_uri(text: String) -> Result<String, Rejection> {
-    // The URL parser trims spaces silently; a URI holds none (RFC 3986).
-    if text.contains(' ') {
-        return Err(invalid("attribute `dataschema` is not an absolute URI (it holds a space)"));
+    if let Some(c) = text.chars().find(|c| matches!(c, ' ' | '"' | '<' | '>' | '\\' | '^' | '`' | '{' | '|' | '}')) {
+        let what = if c == ' ' { "a space".to_owned() } else { format!("{c:?}") };
+        return Err(invalid(format!("attribute `dataschema` is not an absolute URI (it holds {what}, which no URI may: RFC 3986 §2)")));
     }
     url::Url::parse(&text).map_err(|e| invalid(format!("attribute `dataschema` is not an absolute URI ({e})")))?;
     Ok(text)
@@ -724,7 +743,26 @@ mod tests {
         spaced.insert("ce-dataschema", HeaderValue::from_static("%20http://example.com/schema"));
         let Err(Rejection::InvalidEvent(m)) = decode(&spaced, vec![]) else { panic!("a URI with a space") };
         assert!(m.contains("dataschema") && m.contains("space"), "{m}");
+        // Nor the other characters RFC 3986 excludes, which the URL parser
+        // would rewrite (`\` into `/`) or percent-encode.
+        for (sent, shown) in [("http://e.com/a%5Cb", "'\\\\'"), ("http://e.com/%7Bx%7D", "'{'"), ("http://e.com/a%22", "'\"'")] {
+            let mut odd = binary(&MINIMAL);
+            odd.insert("ce-dataschema", HeaderValue::from_static(sent));
+            let Err(Rejection::InvalidEvent(m)) = decode(&odd, vec![]) else { panic!("{sent} is no URI") };
+            assert!(m.contains(shown) && m.contains("RFC 3986"), "{sent}: {m}");
+        }
+        let mut iri = binary(&MINIMAL);
+        iri.insert("ce-dataschema", HeaderValue::from_static("http://e.com/caf%C3%A9"));
+        assert_eq!(decode(&iri, vec![]).unwrap().dataschema(), Some("http://e.com/café"));
         // A time that is no RFC 3339 timestamp is still refused.
+        // RFC 3339 §5.6 lets a space stand for the `T`: taken, kept as sent.
+        let spaced = decode(&binary(&[("content-type", STRUCTURED)]), structured_document(r#","time":"2026-12-01 07:00:00Z""#));
+        assert_eq!(spaced.unwrap().time(), Some("2026-12-01 07:00:00Z"));
+        // A lone surrogate escape is named as such (serde_json says "hex
+        // escape").
+        let lone = structured_document(r#","subject":"\ud800""#);
+        let Err(Rejection::InvalidEvent(m)) = decode(&binary(&[("content-type", STRUCTURED)]), lone) else { panic!("lone") };
+        assert!(m.contains("`subject`") && m.contains("surrogate pair"), "{m}");
         let bad = structured_document(r#","time":"yesterday""#);
         assert!(decode(&binary(&[("content-type", STRUCTURED)]), bad).is_err());
     }

@@ -14,6 +14,12 @@
 
 use std::fmt::Write;
 
+/// The essence of the JSON event format's structured mode (CloudEvents
+/// JSON Event Format §4): a request with it carries the event in its body.
+pub const STRUCTURED: &str = "application/cloudevents+json";
+/// The essence of the JSON event format's batched mode (§4.2).
+pub const BATCHED: &str = "application/cloudevents-batch+json";
+
 /// A parsed `type/subtype *(; name=value)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaType {

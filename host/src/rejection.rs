@@ -22,6 +22,29 @@ pub const ERROR_HEADER: &str = "kne-exactlyerror";
 /// §15.5.16).
 pub const SUPPORTED_ENCODINGS: &str = "gzip, deflate";
 
+/// The most bytes the header lines of a `POST /` request may take, counted
+/// as `name: value\r\n` per line ([`header_bytes`]): 256 KiB. Checked by
+/// `exactly` itself, before the body is read, so the answer (431) does not
+/// depend on how the bytes arrived; the HTTP server's own read buffer is
+/// larger ([`MAX_HEADER_BUFFER_BYTES`]). Envoy-based ingresses (Kourier,
+/// Istio) stop at 60 KiB by default, well below.
+pub const MAX_EVENT_HEADER_BYTES: usize = 256 * 1024;
+/// The same for `POST /dead-letter`: an event's limit plus 64 KiB for what
+/// the dispatcher adds (Knative's `knativeerror*` extensions: the failed
+/// answer's body, truncated, base64, and the destination URL), so that an
+/// event taken at `POST /` and dead-lettered is never refused for its size.
+pub const MAX_DEAD_LETTER_HEADER_BYTES: usize = MAX_EVENT_HEADER_BYTES + 64 * 1024;
+/// The HTTP server's read buffer for a request head (hyper's
+/// `max_buf_size`): past it hyper itself answers 431 with an empty body.
+/// Larger than both limits above, so a head within them always parses.
+pub const MAX_HEADER_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// The bytes of a request's header lines as [`MAX_EVENT_HEADER_BYTES`]
+/// counts them: `name: value\r\n` per line.
+pub fn header_bytes(headers: &http::HeaderMap) -> usize {
+    headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum()
+}
+
 /// Who is to blame for a [`Rejection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blame {
@@ -44,6 +67,11 @@ pub enum Rejection {
     InvalidEvent(String),
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    /// The header block is over the path's own limit
+    /// ([`MAX_EVENT_HEADER_BYTES`], [`MAX_DEAD_LETTER_HEADER_BYTES`]), counted
+    /// as `name: value\r\n` per line: 431, whatever chunks the bytes came in.
+    #[error("the request's header lines take {size} bytes, over the limit of {limit} (name, value and 4 bytes per line)")]
+    HeadersTooLarge { size: usize, limit: usize },
     #[error("the request body, decoded (Content-Encoding: {encoding}), is larger than the limit of {limit} bytes")]
     DecodedTooLarge { limit: usize, encoding: &'static str },
     #[error(
@@ -110,6 +138,7 @@ impl Rejection {
         use Rejection::*;
         match self {
             InvalidEvent(_) | PayloadTooLarge(_) | RequestTimeout(_) | KeyReused { .. } | NoHandler(_) => Blame::Sender,
+            HeadersTooLarge { .. } => Blame::Sender,
             UnsupportedEncoding(_) | DecodedTooLarge { .. } => Blame::Sender,
             Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } | Retryable { .. } | Trap { .. } => Blame::Handler,
             DataTooLarge { .. } => Blame::Sender,
@@ -130,6 +159,7 @@ impl Rejection {
             InvalidEvent(_) => StatusCode::BAD_REQUEST,
             PayloadTooLarge(_) | DecodedTooLarge { .. } | DataTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             KeyReused { .. } | NoHandler(_) | Permanent { .. } | StatementRefused { .. } | BadOutcome { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -149,6 +179,7 @@ impl Rejection {
             InvalidEvent(_) => "invalid-event",
             PayloadTooLarge(_) | DecodedTooLarge { .. } | DataTooLarge { .. } => "payload-too-large",
             UnsupportedEncoding(_) => "unsupported-encoding",
+            HeadersTooLarge { .. } => "headers-too-large",
             RequestTimeout(_) => "request-timeout",
             KeyReused { .. } => "key-reused",
             NoHandler(_) => "no-handler",
@@ -173,7 +204,13 @@ impl Rejection {
     /// connection cannot carry another request. Every limit the same way,
     /// the global `--max-body-bytes` and a handler's `max_body_bytes`.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Rejection::PayloadTooLarge(_) | Rejection::DataTooLarge { .. } | Rejection::RequestTimeout(_))
+        matches!(
+            self,
+            Rejection::PayloadTooLarge(_)
+                | Rejection::HeadersTooLarge { .. }
+                | Rejection::DataTooLarge { .. }
+                | Rejection::RequestTimeout(_)
+        )
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
@@ -256,6 +293,7 @@ mod tests {
         let all = [
             Rejection::InvalidEvent(message()),
             Rejection::PayloadTooLarge(1),
+            Rejection::HeadersTooLarge { size: 2, limit: 1 },
             Rejection::RequestTimeout(std::time::Duration::from_secs(1)),
             Rejection::KeyReused { event_source: "s".into(), id: "i".into() },
             Rejection::NoHandler("t".into()),

@@ -210,6 +210,7 @@ pub fn standard_handlers() -> Vec<HandlerEntry> {
                 "test.sleep",
                 "test.echo",
                 "test.attributes",
+                "test.raw-result",
                 "test.bad-reply",
                 "test.insert",
                 "test.read-as-integer",

@@ -21,6 +21,7 @@ both_backends!(
     structured_dead_letters_and_list_filters,
     replay_resends_the_event_and_records_it,
     failed_replays_are_recorded_and_exit_non_zero,
+    dead_lettered_again_during_its_replay_stays_pending,
     malformed_dead_letters_are_kept_as_received_and_replayed_as_they_came,
     busy_database_answers_503_and_stores_nothing,
     dead_letters_may_be_larger_than_events,
@@ -493,9 +494,66 @@ async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
     );
 }
 
+/// A replay the target accepts while the event fails again: the dispatcher
+/// dead-letters it back before the target's 202 reaches `dlq replay` (the
+/// capture server holds its answer until the new delivery is stored). The
+/// new failure must not be hidden under `replayed_at`: the row stays
+/// pending with `deliveries` 2, and the command says so and exits non-zero.
+async fn dead_lettered_again_during_its_replay_stays_pending(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.flaky").with_data(json!({"order_id": "o-race"}));
+    let failed = fail_first(&app, &event).await;
+    post_dead_letter(&app, &event, &failed).await.assert_accepted();
+    let dead_letter_id = id_of(&list_json(app.env(), &[]).await[0]);
+    let id_text = dead_letter_id.to_string();
+
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (to, received) = capture_one_request_answering_when(released).await;
+    let args = ["replay", id_text.as_str(), "--to", to.as_str()];
+    let replay = app.env().dlq(&args);
+    let meanwhile = async {
+        received.await.expect("the replay reaches the target");
+        post_dead_letter(&app, &event, &failed).await.assert_accepted();
+        release.send(()).expect("the target is waiting");
+    };
+    let (output, ()) = tokio::join!(replay, meanwhile);
+
+    assert!(!output.status.success(), "a replay whose event failed again must exit non-zero");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("dead-lettered again") && stdout.contains("left pending"), "{stdout}");
+    let [attempts, status, target, replayed_at, _] = replay_columns(&app, dead_letter_id).await;
+    assert_eq!(attempts.as_deref(), Some("1"), "the attempt is recorded");
+    assert_eq!(status.as_deref(), Some("202"));
+    assert_eq!(target.as_deref(), Some(to.as_str()));
+    assert_eq!(replayed_at, None, "the new failure is not hidden");
+    let rows = stored_rows(&app, &event).await;
+    assert_eq!(rows.len(), 1, "one row, delivered twice: {rows:?}");
+    assert_eq!(rows[0][3].as_deref(), Some("2"));
+    let pending = list_json(app.env(), &["--pending"]).await;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(id_of(&pending[0]), dead_letter_id);
+
+    // A replay with nothing new meanwhile is recorded as before.
+    app.db.execute("DELETE FROM test_flags WHERE name = 'fail'", &[]).await;
+    let to_exactly = format!("{}/", app.address);
+    stdout_of(&app.env().dlq(&["replay", &id_text, "--to", &to_exactly]).await, "exactly dlq replay");
+    assert!(replay_columns(&app, dead_letter_id).await[3].is_some());
+    assert_eq!(app.effects(&event).await, 1);
+}
+
 /// Accepts one HTTP request on a free port, answers 202 and hands back the
 /// request as it arrived: the head's lines and the body.
 async fn capture_one_request() -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
+    let (release, released) = tokio::sync::oneshot::channel();
+    let _ = release.send(());
+    capture_one_request_answering_when(released).await
+}
+
+/// As [`capture_one_request`], but hands the request back first and
+/// answers 202 only once `released` fires.
+async fn capture_one_request_answering_when(
+    released: tokio::sync::oneshot::Receiver<()>,
+) -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = format!("http://{}/", listener.local_addr().expect("address"));
@@ -523,11 +581,12 @@ async fn capture_one_request() -> (String, tokio::sync::oneshot::Receiver<(Vec<S
             assert!(read > 0, "the request ended before its body");
             body.extend_from_slice(&buffer[..read]);
         }
+        let _ = sender.send((head, body));
+        released.await.expect("the test releases the answer");
         stream
             .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             .await
             .expect("answer");
-        let _ = sender.send((head, body));
     });
     (address, receiver)
 }
@@ -833,6 +892,23 @@ async fn events_with_many_extensions_are_taken(backend: Backend) {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["stored_as"], "event");
     assert_eq!(items[0]["extensions"]["ext299"], "v299");
+
+    // Header lines past what `POST /` takes (256 KiB) but within what the
+    // dead-letter path takes: stored, and replayed in structured mode, in
+    // which `POST /` takes it (binary, it would be 431).
+    let wide = Event::new("test.count");
+    let mut headers = wide.binary_headers();
+    headers.extend((0..34).map(|n| (format!("ce-wide{n}"), "w".repeat(8000))));
+    app.post(&headers, wide.data_bytes()).await.assert_error(431, "headers-too-large");
+    headers.extend(knative_extensions(&failed, "http://x/"));
+    app.post_to("/dead-letter", &headers, wide.data_bytes()).await.assert_accepted();
+    let items = list_json(app.env(), &[]).await;
+    let item = items.iter().find(|item| item["id"] == json!(wide.id)).expect("listed");
+    assert_eq!(item["stored_as"], "event");
+    let to = format!("{}/", app.address);
+    let stdout = stdout_of(&app.env().dlq(&["replay", &id_of(item).to_string(), "--to", &to]).await, "dlq replay");
+    assert!(stdout.contains("replayed to"), "{stdout}");
+    assert_eq!(app.effects(&wide).await, 1);
 }
 
 /// The problem a raw dead letter is stored with may quote the request: a
@@ -908,6 +984,22 @@ async fn events_binary_mode_cannot_carry_replay_as_received(backend: Backend) {
     let error = answer.assert_error(400, "invalid-event");
     assert!(error.message.contains("ambiguous"), "{answer}");
     assert_eq!(app.effects(&victim).await, 0);
+
+    // Dead-lettered, it is kept raw and listed as the event a receiver
+    // reads (the body's), with the headers' other event named; its replay
+    // as received is refused by exactly's event path in the same words.
+    let mut dead_letter = binary.clone();
+    dead_letter.extend(exactly_e2e::event::knative_extensions(400, b"", &to));
+    app.post_to("/dead-letter", &dead_letter, structured(&outer, "")).await.assert_status(202);
+    let items = list_json(app.env(), &[]).await;
+    let raw = items.iter().find(|item| item["stored_as"] == "raw").expect("kept raw");
+    assert_eq!((&raw["id"], &raw["type"]), (&json!(outer.id), &json!("test.count")), "{raw}");
+    let problem = raw["problem"].as_str().unwrap_or_default();
+    assert!(problem.contains("ambiguous") && problem.contains(&format!("header ce-id: \"{}\"", victim.id)), "{problem}");
+    let output = app.env().dlq(&["replay", &id_of(raw).to_string(), "--to", &to]).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("NOT replayed"));
+    assert_eq!((app.effects(&outer).await, app.effects(&victim).await), (1, 0));
 }
 
 /// `dlq` commands never create a SQLite file (`serve` and `migrate` do): a

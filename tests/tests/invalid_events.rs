@@ -163,4 +163,18 @@ async fn a_result_jsonb_cannot_hold_is_a_bad_outcome(backend: Backend) {
     assert!(body.message.contains("U+0000"), "{}", body.message);
     assert_eq!(app.processed_event(&event).await, None);
     assert_eq!(app.effects(&event).await, 0);
+
+    // A number with more digits after the point than PostgreSQL's numeric
+    // keeps (16383): 0 as a double, so the double-range check let it by,
+    // and the store failed with 500 on PostgreSQL.
+    let data = br#"{"n": 1e-16384}"#.to_vec();
+    let event = Event::new("test.raw-result");
+    let answer = app.post(&event.binary_headers(), data).await;
+    let body = answer.assert_error(422, "bad-outcome");
+    assert!(body.message.contains("digits after the decimal point"), "{}", body.message);
+    assert_eq!(app.processed_event(&event).await, None);
+    // The last one PostgreSQL keeps is stored, digits as written.
+    let event = Event::new("test.raw-result");
+    app.post(&event.binary_headers(), br#"{"n": 1e-16383}"#.to_vec()).await.assert_processed();
+    assert!(app.processed_result(&event).await.is_some());
 }

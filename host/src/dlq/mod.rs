@@ -26,7 +26,8 @@
 //! `exactly dlq replay <id…> --to <url>` sends each original event again
 //! (binary mode, same attributes, extensions and data; the three
 //! `knativeerror*` extensions are left out) and records the attempt on its
-//! row: `replayed_at` is set only when the target answered 2xx.
+//! row: `replayed_at` is set only when the target answered 2xx and no
+//! new delivery of the dead letter arrived meanwhile ([`rows::record`]).
 //!
 //! The module's parts, one concept each: [`sink`] stores what `POST
 //! /dead-letter` receives (the dedup key, the quota, the SQL of both

@@ -21,11 +21,16 @@ use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
 /// What [`super::sink::Letter::raw`] stores of a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Raw {
-    /// Read from `ce-source` or the structured body's `source`; `""` when
-    /// the request has none. Control characters are escaped (`\u{0}`).
+    /// The event a receiver would read: from the structured body's
+    /// `source` when the Content-Type is `application/cloudevents+json`,
+    /// else from `ce-source`, each falling back to the other; `""` when the
+    /// request has none. Control characters are escaped (`\u{0}`).
     pub source: String,
     pub id: String,
     pub ty: String,
+    /// Set when a structured request's `ce-*` headers name another event
+    /// than its body: which attributes disagree, for `dlq list`.
+    pub note: Option<String>,
     pub code: Option<String>,
     pub error_data: Option<String>,
     pub dest: Option<String>,
@@ -64,18 +69,50 @@ impl Raw {
         let header = |name: &str| {
             headers.get(name).map(|value| printable(&percent_decode(value.as_bytes()).decode_utf8_lossy()).into_owned())
         };
+        // Structured mode as the event path decides it; there a receiver
+        // reads the event from the body and ignores `ce-*` headers.
         let structured = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
-            .is_some_and(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/cloudevents+json"));
-        let json = if structured { serde_json::from_slice::<serde_json::Value>(body).ok() } else { None };
+            .is_some_and(|ct| crate::media_type::essence(ct) == crate::media_type::STRUCTURED);
+        // The body's members, each left unparsed: a member nested past
+        // serde_json's depth limit (the data, say) must not hide the
+        // identity beside it.
+        type Members = std::collections::BTreeMap<String, Box<serde_json::value::RawValue>>;
+        let json = if structured { serde_json::from_slice::<Members>(body).ok() } else { None };
+        let value = |name: &str| {
+            let raw = json.as_ref()?.get(name)?;
+            serde_json::from_str::<serde_json::Value>(raw.get()).ok()
+        };
         let member = |name: &str| {
-            json.as_ref().and_then(|json| json.get(name)).map(|value| match value {
-                serde_json::Value::String(text) => printable(text).into_owned(),
+            value(name).map(|value| match value {
+                serde_json::Value::String(text) => printable(&text).into_owned(),
                 other => printable(&other.to_string()).into_owned(),
             })
         };
         let attribute = |name: &str| header(&format!("ce-{name}")).or_else(|| member(name));
+        // The identity a receiver would read: the body's in structured mode
+        // (a replay to the broker's ingress injects that event), the
+        // headers' otherwise; each falls back to the other when it has none.
+        let mut disagreements = Vec::new();
+        let mut identity = |name: &str| {
+            let (from_header, from_body) = (header(&format!("ce-{name}")), member(name));
+            if structured
+                && let (Some(from_header), Some(from_body)) = (&from_header, &from_body)
+                && from_header != from_body
+            {
+                disagreements.push(format!("{name} {from_body:?} (header ce-{name}: {from_header:?})"));
+            }
+            if structured { from_body.or(from_header) } else { from_header.or(from_body) }
+        };
+        let (source, id, ty) = (identity("source"), identity("id"), identity("type"));
+        let note = (!disagreements.is_empty()).then(|| {
+            format!(
+                "the body names another event than its ce-* headers: {}; a receiver reads the body \
+                 (structured mode), and that is the event listed",
+                disagreements.join(", ")
+            )
+        });
         let dest = attribute(ERROR_DEST);
         // The destination as received, byte for byte: its printable form
         // (decoded, escaped) would merge two destinations that differ only
@@ -83,7 +120,7 @@ impl Raw {
         let dest_raw = headers
             .get(format!("ce-{ERROR_DEST}"))
             .map(|value| value.as_bytes().to_vec())
-            .or_else(|| json.as_ref().and_then(|json| json.get(ERROR_DEST)).map(|value| value.to_string().into_bytes()));
+            .or_else(|| value(ERROR_DEST).map(|value| value.to_string().into_bytes()));
         match &dest_raw {
             None => hasher.update([0u8]),
             Some(dest) => {
@@ -92,9 +129,10 @@ impl Raw {
             }
         }
         Raw {
-            source: attribute("source").unwrap_or_default(),
-            id: attribute("id").unwrap_or_default(),
-            ty: attribute("type").unwrap_or_default(),
+            source: source.unwrap_or_default(),
+            id: id.unwrap_or_default(),
+            ty: ty.unwrap_or_default(),
+            note,
             code: attribute(ERROR_CODE),
             error_data: attribute(ERROR_DATA),
             dest,
@@ -169,6 +207,33 @@ mod tests {
         assert_eq!(ff.dest, fe.dest, "both print as U+FFFD");
         assert_ne!(ff.dedup_key, fe.dedup_key);
         assert_eq!(Raw::of(&headers(&[]), b"{not json").id, "");
+        // Data nested past serde_json's limit does not hide the identity.
+        let deep = format!(r#"{{"id":"deep","source":"urn:s","type":"t","data":{}1{}}}"#, "[".repeat(500), "]".repeat(500));
+        let raw = Raw::of(&headers(&ct), deep.as_bytes());
+        assert_eq!((raw.id.as_str(), raw.source.as_str(), raw.ty.as_str()), ("deep", "urn:s", "t"));
+    }
+
+    #[test]
+    fn a_structured_request_is_listed_as_its_body_names_it() {
+        let request = headers(&[
+            ("content-type", "Application/CloudEvents+JSON; charset=utf-8"),
+            ("ce-specversion", "1.0"),
+            ("ce-id", "from-header"),
+            ("ce-source", "urn:s"),
+            ("ce-type", "t.header"),
+        ]);
+        let raw = Raw::of(&request, br#"{"specversion":"1.0","id":"from-body","source":"urn:s","type":"t.body"}"#);
+        assert_eq!((raw.id.as_str(), raw.source.as_str(), raw.ty.as_str()), ("from-body", "urn:s", "t.body"));
+        let note = raw.note.expect("the disagreement is noted");
+        assert!(note.contains(r#"id "from-body" (header ce-id: "from-header")"#), "{note}");
+        assert!(note.contains("type") && !note.contains("source"), "{note}");
+        // A body without the attribute: the header's, and nothing to note.
+        let raw = Raw::of(&request, b"{not json");
+        assert_eq!((raw.id.as_str(), raw.note), ("from-header", None));
+        // Binary mode: the headers', whatever the body holds.
+        let binary = headers(&[("content-type", "application/json"), ("ce-id", "from-header")]);
+        let raw = Raw::of(&binary, br#"{"id":"from-body"}"#);
+        assert_eq!((raw.id.as_str(), raw.note), ("from-header", None));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use clap::Args;
 
 use super::one_line;
 use super::raw::{header_lines, is_knative_report};
-use super::rows::{DeadLetter, connect, record, select_one};
+use super::rows::{DeadLetter, Recorded, connect, record, select_one};
 use crate::database_args::DatabaseArgs;
 use super::{ERROR_CODE, ERROR_DATA, ERROR_DEST};
 use crate::decode::SPEC_VERSION;
@@ -89,13 +89,34 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             Ok(request) => send(&client, request, args.timeout).await,
             Err(error) => ReplayOutcome { status: None, error: Some(format!("{error:#}")) },
         };
-        let recorded = record(&database, dead_letter_id, &args.to, outcome.accepted(), outcome.status, outcome.error.as_deref()).await;
+        let recorded = record(
+            &database,
+            dead_letter_id,
+            dead_letter.deliveries,
+            &args.to,
+            outcome.accepted(),
+            outcome.status,
+            outcome.error.as_deref(),
+        )
+        .await;
         let what = format!(
             "dead letter {dead_letter_id} ({} {} from {})",
             dead_letter.ty, dead_letter.id, dead_letter.source
         );
-        match (&outcome, outcome.accepted()) {
-            (ReplayOutcome { status: Some(status), .. }, true) => println!("{what}: replayed to {}: HTTP {status}", args.to),
+        match (&outcome, &recorded) {
+            (_, Ok(Recorded::DeadLetteredAgain { deliveries })) => {
+                failed += 1;
+                println!(
+                    "{what}: accepted by {} (HTTP {}), but dead-lettered again while the replay was under way \
+                     (deliveries {} -> {deliveries}): it failed again; left pending",
+                    args.to,
+                    outcome.status.unwrap_or_default(),
+                    dead_letter.deliveries,
+                );
+            }
+            (ReplayOutcome { status: Some(status), .. }, _) if outcome.accepted() => {
+                println!("{what}: replayed to {}: HTTP {status}", args.to);
+            }
             (ReplayOutcome { status, error }, _) => {
                 failed += 1;
                 let status = status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
@@ -119,8 +140,12 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 
 /// The original event in binary mode: `ce-*` headers, percent-encoded as
 /// the HTTP binding requires, and the data as the body; in structured mode
-/// when binary mode cannot carry it as received ([`binary_cannot_carry`]). The `knativeerror*`
-/// extensions are Knative's report about the failure, not part of the event.
+/// when binary mode cannot carry it as received ([`binary_cannot_carry`])
+/// or its header lines would take more bytes than `exactly` takes on
+/// `POST /` ([`crate::rejection::MAX_EVENT_HEADER_BYTES`], less
+/// [`CLIENT_HEADER_BYTES`]; the dead-letter path takes more). The
+/// `knativeerror*` extensions are Knative's report about the failure, not
+/// part of the event.
 ///
 /// A dead letter kept raw goes back as it came: its headers byte for byte
 /// (Knative's report left out) and its body.
@@ -128,9 +153,21 @@ fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Resul
     if let Some(raw) = &dead_letter.raw_headers {
         return raw_request(raw, dead_letter, target);
     }
-    if binary_cannot_carry(dead_letter) {
-        return structured_request(dead_letter, target);
+    if !binary_cannot_carry(dead_letter) {
+        let binary = binary_request(dead_letter, target)?;
+        let header_bytes = crate::rejection::header_bytes(binary.headers());
+        if header_bytes + CLIENT_HEADER_BYTES <= crate::rejection::MAX_EVENT_HEADER_BYTES {
+            return Ok(binary);
+        }
     }
+    structured_request(dead_letter, target)
+}
+
+/// Room left for the header lines the HTTP client adds to a replay (`host`,
+/// `content-length`).
+const CLIENT_HEADER_BYTES: usize = 1024;
+
+fn binary_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Result<Request<Full<Bytes>>> {
     /// Space, `"`, `%`, controls and (always) non-ASCII.
     const ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
     let mut request = Request::post(target.clone());
@@ -404,5 +441,14 @@ mod tests {
         }
         // Binary mode still carries everything else.
         assert!(!binary_cannot_carry(&DeadLetter { datacontenttype: Some("text/plain".into()), data: Some(b"x".to_vec()), ..base() }));
+        // Header lines past what `POST /` takes: structured, whatever the
+        // dead-letter path took (it takes more).
+        let wide: serde_json::Map<_, _> = (0..10).map(|i| (format!("big{i}"), "v".repeat(27_000).into())).collect();
+        let wide = DeadLetter { extensions: wide, data: Some(b"{}".to_vec()), ..base() };
+        let request = replay_request(&wide, &"http://h/".parse().unwrap()).unwrap();
+        assert_eq!(request.headers()["content-type"], "application/cloudevents+json");
+        let narrow = DeadLetter { extensions: serde_json::Map::from_iter([("big0".to_owned(), "v".repeat(27_000).into())]), ..wide };
+        let request = replay_request(&narrow, &"http://h/".parse().unwrap()).unwrap();
+        assert_eq!(request.headers()["ce-big0"].len(), 27_000, "binary while it fits");
     }
 }

@@ -264,50 +264,72 @@ impl DeadLetter {
     }
 }
 
-/// Records one attempt on the dead letter's row; `replayed_at` only moves
-/// when the target accepted the event.
+/// What [`record`] wrote about an attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Recorded {
+    /// The attempt is on the row; `replayed_at` moved if it was accepted.
+    Attempt,
+    /// The target accepted the event, but the dead letter was delivered
+    /// again while the replay was under way (`deliveries` moved from what
+    /// the replay read): the event failed again, so the row stays pending
+    /// and the new failure is not hidden under `replayed_at`.
+    DeadLetteredAgain { deliveries: i64 },
+}
+
+/// Records one attempt on the dead letter's row. `replayed_at` only moves
+/// when the target accepted the event *and* the row's `deliveries` is still
+/// `deliveries_seen`, the count read before sending: a delivery of the same
+/// dead letter that arrived meanwhile (the replayed event failed again and
+/// the dispatcher dead-lettered it back before the target answered) is news
+/// an operator must see, so the row stays pending.
+///
+/// Errors: the row is gone, or the database failed.
 pub(super) async fn record(
     database: &Database,
     dead_letter_id: i64,
+    deliveries_seen: i64,
     to: &str,
     accepted: bool,
     status: Option<u16>,
     error: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Recorded> {
     let status = status.map(i64::from);
-    let updated = match database {
-        Database::Postgres(pool) => sqlx::query(
+    let deliveries: Option<i64> = match database {
+        Database::Postgres(pool) => sqlx::query_scalar(
             "UPDATE exactly.dead_letters SET replay_attempts = replay_attempts + 1, last_replay_at = now(),
                  last_replay_to = $2, last_replay_status = $3::bigint, last_replay_error = $4,
-                 replayed_at = CASE WHEN $5 THEN now() ELSE replayed_at END
-             WHERE dead_letter_id = $1",
+                 replayed_at = CASE WHEN $5 AND deliveries = $6 THEN now() ELSE replayed_at END
+             WHERE dead_letter_id = $1
+             RETURNING deliveries::bigint",
         )
         .bind(dead_letter_id)
         .bind(to)
         .bind(status)
         .bind(error)
         .bind(accepted)
-        .execute(pool)
-        .await?
-        .rows_affected(),
-        Database::Sqlite(pool) => sqlx::query(
+        .bind(deliveries_seen)
+        .fetch_optional(pool)
+        .await?,
+        Database::Sqlite(pool) => sqlx::query_scalar(
             "UPDATE exactly_dead_letters SET replay_attempts = replay_attempts + 1,
                  last_replay_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                  last_replay_to = ?2, last_replay_status = ?3, last_replay_error = ?4,
-                 replayed_at = CASE WHEN ?5 THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') ELSE replayed_at END
-             WHERE dead_letter_id = ?1",
+                 replayed_at = CASE WHEN ?5 AND deliveries = ?6 THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') ELSE replayed_at END
+             WHERE dead_letter_id = ?1
+             RETURNING deliveries",
         )
         .bind(dead_letter_id)
         .bind(to)
         .bind(status)
         .bind(error)
         .bind(accepted)
-        .execute(pool)
-        .await?
-        .rows_affected(),
+        .bind(deliveries_seen)
+        .fetch_optional(pool)
+        .await?,
     };
-    if updated != 1 {
-        bail!("the row of dead letter {dead_letter_id} is gone");
+    match deliveries {
+        None => bail!("the row of dead letter {dead_letter_id} is gone"),
+        Some(deliveries) if accepted && deliveries != deliveries_seen => Ok(Recorded::DeadLetteredAgain { deliveries }),
+        Some(_) => Ok(Recorded::Attempt),
     }
-    Ok(())
 }

@@ -109,7 +109,10 @@ impl Letter {
             dest: raw.dest,
             // The problem may quote the request (a member name holding
             // U+0000, which PostgreSQL's text cannot store: 500 for ever).
-            problem: Some(crate::printable::printable(&problem).into_owned()),
+            problem: Some(match raw.note {
+                Some(note) => format!("{}; {note}", crate::printable::printable(&problem)),
+                None => crate::printable::printable(&problem).into_owned(),
+            }),
             raw_headers: Some(raw.headers),
         }
     }

@@ -18,6 +18,7 @@
 //! | `test.sleep` | sleeps `{"ms": N}` milliseconds, then Ok |
 //! | `test.echo` | Ok with the data as the result |
 //! | `test.attributes` | Ok with `{"time", "dataschema", "data"}` as received (`data` as text, `null` when absent) |
+//! | `test.raw-result` | Ok with the data's JSON text, byte for byte, as the result (as a handler with its own `serde_json` features may return it) |
 //! | `test.insert` | inserts `{"k", "n", "note"}` (data) into `test_checked` with `?` |
 //! | `test.read-as-integer` | reads `test_checked.note` of `{"k"}` as an integer with `?` |
 //! | anything else | permanent error naming the type |
@@ -122,6 +123,16 @@ fn handle(event: Event, tx: &Tx) -> Result<Outcome, Error> {
             "dataschema": event.dataschema(),
             "data": event.data().map(String::from_utf8_lossy),
         }))),
+        // The SDK's `serde_json` re-serializes numbers as doubles; a handler
+        // that enables `raw_value` (or `arbitrary_precision`) returns any
+        // JSON text, and so does this.
+        "test.raw-result" => {
+            let text = String::from_utf8(event.data().unwrap_or_default().to_vec())
+                .map_err(|_| Error::permanent("the data is not UTF-8"))?;
+            let raw = serde_json::value::RawValue::from_string(text)
+                .map_err(|error| Error::permanent(format!("the data is not JSON: {error}")))?;
+            Ok(Outcome::new(raw))
+        }
         other => Err(Error::permanent(format!(
             "testkit has no behaviour for event type {other:?}"
         ))),
