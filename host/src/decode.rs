@@ -35,6 +35,9 @@ pub struct CloudEvent {
     dataschema: Option<String>,
     extensions: Vec<(String, String)>,
     data: Option<Vec<u8>>,
+    /// [`CloudEvent::payload_sha256`], computed once by [`checked`] (the
+    /// data is parsed there once, for its depth and its canonical form).
+    payload_sha256: [u8; 32],
 }
 
 impl CloudEvent {
@@ -91,7 +94,7 @@ impl CloudEvent {
         extensions: &[(&str, &str)],
         data: Option<&[u8]>,
     ) -> CloudEvent {
-        CloudEvent {
+        checked(CloudEvent {
             id: id.into(),
             source: source.into(),
             ty: ty.into(),
@@ -101,7 +104,9 @@ impl CloudEvent {
             dataschema: None,
             extensions: extensions.iter().map(|(n, v)| ((*n).into(), (*v).into())).collect(),
             data: data.map(<[u8]>::to_vec),
-        }
+            payload_sha256: [0; 32],
+        })
+        .expect("a valid test event")
     }
 }
 
@@ -192,9 +197,6 @@ fn decode_binary(headers: &HeaderMap, content_type: Option<&str>, body: Vec<u8>)
     let mut event = builder.build().map_err(|e| invalid(format!("invalid CloudEvent: {e}")))?;
     event.set_datacontenttype(content_type);
     if !body.is_empty() {
-        if content_type.is_none_or(media_type::is_json) {
-            check_json_depth(&body)?;
-        }
         event.set_data_unchecked(Data::Binary(body));
     }
     for (name, value) in extensions {
@@ -280,9 +282,6 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(text)
                     .map_err(|e| invalid(format!("attribute `data_base64` is not valid base64 ({e})")))?;
-                if datacontenttype.as_deref().is_none_or(media_type::is_json) {
-                    check_json_depth(&bytes)?;
-                }
                 Some(bytes)
             }
             _ => return Err(invalid("attribute `data_base64` must be a string (base64)")),
@@ -300,7 +299,13 @@ fn decode_structured(body: &[u8]) -> Result<CloudEvent, Rejection> {
 /// surrogate cannot reach here, neither JSON nor UTF-8 carries one alone).
 /// Binary mode lets a sender write any of them percent-encoded (`%0A`);
 /// a handler, a log line or a replayed header must never see one.
-fn checked(event: CloudEvent) -> Result<CloudEvent, Rejection> {
+///
+/// Then the payload hash, JSON data parsed once for it: refused when it
+/// nests deeper than [`MAX_JSON_DEPTH`] (such data could not be compared as
+/// JSON, a redelivery in another spelling would look like another payload,
+/// nor parsed by a handler); bytes that are not JSON at all are compared
+/// byte for byte.
+fn checked(mut event: CloudEvent) -> Result<CloudEvent, Rejection> {
     let attributes = [
         ("id", Some(event.id.as_str())),
         ("source", Some(event.source.as_str())),
@@ -319,6 +324,22 @@ fn checked(event: CloudEvent) -> Result<CloudEvent, Rejection> {
             )));
         }
     }
+    let json = event.datacontenttype.as_deref().is_none_or(media_type::is_json);
+    // Empty data is no data: binary mode cannot tell them apart (an empty
+    // body), so a structured `"data": ""` redelivered binary is the same
+    // payload. (The legacy hash kept them apart, as stored.)
+    let data = event.data.as_deref().filter(|bytes| !bytes.is_empty());
+    let canonical = match data.filter(|_| json).map(serde_json::from_slice::<serde_json::Value>) {
+        Some(Err(e)) if e.to_string().starts_with("recursion limit exceeded") => {
+            return Err(invalid(format!(
+                "JSON data nested deeper than {MAX_JSON_DEPTH} levels (arrays and objects) is not accepted"
+            )));
+        }
+        Some(Ok(value)) => Some(value.to_string().into_bytes()),
+        Some(Err(_)) | None => None,
+    };
+    let content_type = media_type::canonical(event.datacontenttype.as_deref().unwrap_or("application/json"));
+    event.payload_sha256 = event.payload_digest(Some(PAYLOAD_FORMAT), Some(&content_type), canonical.as_deref().or(data));
     Ok(event)
 }
 
@@ -361,7 +382,6 @@ impl<'de> serde::Deserialize<'de> for Members {
 /// otherwise the member must be a string, and its text is the data.
 fn structured_data(raw: &serde_json::value::RawValue, datacontenttype: Option<&str>) -> Result<Vec<u8>, Rejection> {
     if datacontenttype.is_none_or(media_type::is_json) {
-        check_json_depth(raw.get().as_bytes())?;
         return Ok(raw.get().as_bytes().to_vec());
     }
     match serde_json::from_str::<serde_json::Value>(raw.get()) {
@@ -377,19 +397,6 @@ fn structured_data(raw: &serde_json::value::RawValue, datacontenttype: Option<&s
 /// How deeply JSON data may nest (arrays and objects): serde_json's own
 /// limit, the one a handler's `serde_json` applies to the same bytes.
 pub const MAX_JSON_DEPTH: usize = 127;
-
-/// Refuses JSON data nested deeper than [`MAX_JSON_DEPTH`]: such data
-/// could not be compared as JSON (a redelivery in another spelling would
-/// look like another payload) nor parsed by a handler. Bytes that are not
-/// JSON at all pass: they are compared byte for byte.
-fn check_json_depth(bytes: &[u8]) -> Result<(), Rejection> {
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(invalid(format!(
-            "JSON data nested deeper than {MAX_JSON_DEPTH} levels (arrays and objects) is not accepted"
-        ))),
-        _ => Ok(()),
-    }
-}
 
 /// `dataschema` as the sender wrote it, once it is known to be an
 /// absolute URI (CloudEvents 1.0: type URI). The payload identity compares
@@ -435,6 +442,7 @@ fn from_sdk(event: cloudevents::Event) -> CloudEvent {
         dataschema: event.dataschema().map(|u| u.to_string()),
         extensions,
         data,
+        payload_sha256: [0; 32],
     }
 }
 
@@ -455,9 +463,7 @@ impl CloudEvent {
     /// how it is read in either mode, so a structured delivery without
     /// `datacontenttype` and a binary one with `application/json` match.
     pub fn payload_sha256(&self) -> [u8; 32] {
-        let content_type = Some(media_type::canonical(self.datacontenttype.as_deref().unwrap_or("application/json")));
-        let json = self.datacontenttype.as_deref().is_none_or(media_type::is_json);
-        self.payload_digest(Some(PAYLOAD_FORMAT), content_type.as_deref(), json)
+        self.payload_sha256
     }
 
     /// The payload hash as `exactly` computed it before media types were
@@ -467,10 +473,14 @@ impl CloudEvent {
     /// that a redelivery across the upgrade is still a replay. Needed until
     /// every such record has expired (`--retention`).
     pub fn legacy_payload_sha256(&self) -> [u8; 32] {
-        self.payload_digest(None, self.datacontenttype.as_deref(), true)
+        let data = self.data.as_deref();
+        let canonical = data.and_then(|bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok()).map(|v| v.to_string().into_bytes());
+        self.payload_digest(None, self.datacontenttype.as_deref(), canonical.as_deref().or(data))
     }
 
-    fn payload_digest(&self, format: Option<u8>, content_type: Option<&str>, json: bool) -> [u8; 32] {
+    /// The hash of the payload's fields, `data` as the caller spells it
+    /// (canonical JSON, or the bytes).
+    fn payload_digest(&self, format: Option<u8>, content_type: Option<&str>, data: Option<&[u8]>) -> [u8; 32] {
         let mut hasher = Sha256::new();
         if let Some(format) = format {
             hasher.update([format]);
@@ -491,16 +501,7 @@ impl CloudEvent {
         // are one schema.
         let dataschema = self.dataschema.as_deref().map(|text| url::Url::parse(text).map_or_else(|_| text.to_owned(), String::from));
         field(dataschema.as_deref().map(str::as_bytes));
-        // Empty data is no data: binary mode cannot tell them apart (an
-        // empty body), so a structured `"data": ""` redelivered binary is the
-        // same payload. (The legacy hash kept them apart, as stored.)
-        let data = self.data.as_deref().filter(|bytes| format.is_none() || !bytes.is_empty());
-        let canonical = data.filter(|_| json).and_then(|bytes| {
-            serde_json::from_slice::<serde_json::Value>(bytes)
-                .ok()
-                .map(|v| v.to_string().into_bytes())
-        });
-        field(canonical.as_deref().or(data));
+        field(data);
         hasher.finalize().into()
     }
 }
@@ -624,8 +625,9 @@ mod tests {
         let headers = binary(&[("content-type", STRUCTURED)]);
         let from_structured = decode(&headers, structured.to_vec()).unwrap();
         assert_eq!(from_binary.payload_sha256(), from_structured.payload_sha256());
-        let mut changed = from_structured.clone();
-        changed.data = Some(br#"{"a":[1,2],"b":2}"#.to_vec());
+        let changed = br#"{"specversion":"1.0","id":"1","source":"urn:orders","type":"order.created",
+            "datacontenttype":"application/json","data":{"a":[1,2],"b":2}}"#;
+        let changed = decode(&headers, changed.to_vec()).unwrap();
         assert_ne!(changed.payload_sha256(), from_structured.payload_sha256());
     }
 
@@ -717,6 +719,7 @@ mod tests {
     #[test]
     fn attributes_and_json_data_are_kept_as_the_sender_wrote_them() {
         let mut headers = binary(&MINIMAL);
+        headers.insert("ce-type", HeaderValue::from_static("t"));
         headers.insert("ce-time", HeaderValue::from_static("2026-12-01T07:00:00Z"));
         headers.insert("ce-dataschema", HeaderValue::from_static("HTTP://Example.com/a/../schema"));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -733,11 +736,7 @@ mod tests {
         assert_eq!(from_structured.dataschema(), Some("http://example.com/schema"));
         assert_eq!(from_structured.data(), Some(&b"{ \"b\": 1,\n                          \"a\": 2 }"[..]));
         // Spellings of one URL, one instant or one JSON value are one payload.
-        let mut same = from_structured.clone();
-        same.id = from_binary.id.clone();
-        same.source = from_binary.source.clone();
-        same.ty = from_binary.ty.clone();
-        assert_eq!(same.payload_sha256(), from_binary.payload_sha256());
+        assert_eq!(from_structured.payload_sha256(), from_binary.payload_sha256());
         // A URI holds no space (the URL parser would trim it silently).
         let mut spaced = binary(&MINIMAL);
         spaced.insert("ce-dataschema", HeaderValue::from_static("%20http://example.com/schema"));
@@ -783,13 +782,12 @@ mod tests {
     fn empty_data_is_no_data() {
         let structured = binary(&[("content-type", STRUCTURED)]);
         let mut text = binary(&MINIMAL);
+        text.insert("ce-type", HeaderValue::from_static("t"));
         text.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let empty_binary = decode(&text, Vec::new()).unwrap();
         for members in [r#","datacontenttype":"text/plain","data":"""#, r#","datacontenttype":"text/plain","data_base64":"""#] {
-            let mut event = decode(&structured, structured_document(members)).unwrap();
+            let event = decode(&structured, structured_document(members)).unwrap();
             assert_eq!(event.data(), Some(&b""[..]));
-            event.source = empty_binary.source.clone();
-            event.ty = empty_binary.ty.clone();
             assert_eq!(event.payload_sha256(), empty_binary.payload_sha256(), "{members}");
         }
     }

@@ -320,86 +320,82 @@ fn parse_timestamp(n: usize, text: &str) -> Result<DateTime<Utc>, StatementError
 }
 
 pub fn row_from_postgres(row: &PgRow) -> Result<Vec<Value>, StatementError> {
-    {
-        let mut values = Vec::with_capacity(row.len());
-        for (index, column) in row.columns().iter().enumerate() {
-            let raw = row.try_get_raw(index).map_err(StatementError::from_sqlx)?;
-            if raw.is_null() {
-                values.push(Value::Null);
-                continue;
-            }
-            let type_name = column.type_info().name().to_owned();
-            let get = |e: sqlx::Error| StatementError::from_sqlx(e);
-            let value = match type_name.as_str() {
-                "BOOL" => Value::Boolean(row.try_get(index).map_err(get)?),
-                "INT2" => Value::Int(row.try_get::<i16, _>(index).map_err(get)?.into()),
-                "INT4" => Value::Int(row.try_get::<i32, _>(index).map_err(get)?.into()),
-                "INT8" => Value::Int(row.try_get(index).map_err(get)?),
-                "OID" => Value::Int(row.try_get::<Oid, _>(index).map_err(get)?.0.into()),
-                "FLOAT4" => Value::Float(row.try_get::<f32, _>(index).map_err(get)?.into()),
-                "FLOAT8" => Value::Float(row.try_get(index).map_err(get)?),
-                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "UNKNOWN" | "CITEXT" => {
-                    Value::Text(row.try_get(index).map_err(get)?)
-                }
-                "BYTEA" => Value::Bytes(row.try_get(index).map_err(get)?),
-                "JSON" | "JSONB" => Value::Json(row.try_get::<serde_json::Value, _>(index).map_err(get)?.to_string()),
-                // Decoding a big numeric costs more than linear time (see
-                // MAX_NUMERIC_CHARS): refuse one longer than a parameter
-                // may be, by its wire size, before decoding it.
-                "NUMERIC" if raw.as_bytes().map_or(0, <[u8]>::len) > MAX_NUMERIC_WIRE_BYTES => {
-                    return Err(StatementError::conversion(format!(
-                        "column {:?} holds a numeric of more than {MAX_NUMERIC_CHARS} digits; cast it in SQL (e.g. `{}::text`)",
-                        column.name(),
-                        column.name()
-                    )));
-                }
-                "NUMERIC" => Value::Numeric(row.try_get::<BigDecimal, _>(index).map_err(get)?.to_string()),
-                "TIMESTAMPTZ" => Value::Timestamp(
-                    row.try_get::<DateTime<Utc>, _>(index)
-                        .map_err(get)?
-                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                ),
-                "TIMESTAMP" => Value::Timestamp(
-                    row.try_get::<NaiveDateTime, _>(index).map_err(get)?.format("%Y-%m-%dT%H:%M:%S%.f").to_string(),
-                ),
-                "DATE" => Value::Text(row.try_get::<NaiveDate, _>(index).map_err(get)?.to_string()),
-                "UUID" => Value::Text(row.try_get::<uuid::Uuid, _>(index).map_err(get)?.to_string()),
-                other => {
-                    return Err(StatementError::conversion(format!(
-                        "column {:?} has type {other}, which exactly does not return yet; cast it in SQL (e.g. `{}::text`)",
-                        column.name(),
-                        column.name()
-                    )));
-                }
-            };
-            values.push(value);
+    let mut values = Vec::with_capacity(row.len());
+    for (index, column) in row.columns().iter().enumerate() {
+        let raw = row.try_get_raw(index).map_err(StatementError::from_sqlx)?;
+        if raw.is_null() {
+            values.push(Value::Null);
+            continue;
         }
-        Ok(values)
+        let type_name = column.type_info().name().to_owned();
+        let get = |e: sqlx::Error| StatementError::from_sqlx(e);
+        let value = match type_name.as_str() {
+            "BOOL" => Value::Boolean(row.try_get(index).map_err(get)?),
+            "INT2" => Value::Int(row.try_get::<i16, _>(index).map_err(get)?.into()),
+            "INT4" => Value::Int(row.try_get::<i32, _>(index).map_err(get)?.into()),
+            "INT8" => Value::Int(row.try_get(index).map_err(get)?),
+            "OID" => Value::Int(row.try_get::<Oid, _>(index).map_err(get)?.0.into()),
+            "FLOAT4" => Value::Float(row.try_get::<f32, _>(index).map_err(get)?.into()),
+            "FLOAT8" => Value::Float(row.try_get(index).map_err(get)?),
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "UNKNOWN" | "CITEXT" => {
+                Value::Text(row.try_get(index).map_err(get)?)
+            }
+            "BYTEA" => Value::Bytes(row.try_get(index).map_err(get)?),
+            "JSON" | "JSONB" => Value::Json(row.try_get::<serde_json::Value, _>(index).map_err(get)?.to_string()),
+            // Decoding a big numeric costs more than linear time (see
+            // MAX_NUMERIC_CHARS): refuse one longer than a parameter
+            // may be, by its wire size, before decoding it.
+            "NUMERIC" if raw.as_bytes().map_or(0, <[u8]>::len) > MAX_NUMERIC_WIRE_BYTES => {
+                return Err(StatementError::conversion(format!(
+                    "column {:?} holds a numeric of more than {MAX_NUMERIC_CHARS} digits; cast it in SQL (e.g. `{}::text`)",
+                    column.name(),
+                    column.name()
+                )));
+            }
+            "NUMERIC" => Value::Numeric(row.try_get::<BigDecimal, _>(index).map_err(get)?.to_string()),
+            "TIMESTAMPTZ" => Value::Timestamp(
+                row.try_get::<DateTime<Utc>, _>(index)
+                    .map_err(get)?
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ),
+            "TIMESTAMP" => Value::Timestamp(
+                row.try_get::<NaiveDateTime, _>(index).map_err(get)?.format("%Y-%m-%dT%H:%M:%S%.f").to_string(),
+            ),
+            "DATE" => Value::Text(row.try_get::<NaiveDate, _>(index).map_err(get)?.to_string()),
+            "UUID" => Value::Text(row.try_get::<uuid::Uuid, _>(index).map_err(get)?.to_string()),
+            other => {
+                return Err(StatementError::conversion(format!(
+                    "column {:?} has type {other}, which exactly does not return yet; cast it in SQL (e.g. `{}::text`)",
+                    column.name(),
+                    column.name()
+                )));
+            }
+        };
+        values.push(value);
     }
+    Ok(values)
 }
 
 pub fn row_from_sqlite(row: &SqliteRow) -> Result<Vec<Value>, StatementError> {
-    {
-        let mut values = Vec::with_capacity(row.len());
-        for index in 0..row.len() {
-            let raw = row.try_get_raw(index).map_err(StatementError::from_sqlx)?;
-            if raw.is_null() {
-                values.push(Value::Null);
-                continue;
-            }
-            // SQLite is dynamically typed: go by the value's storage class.
-            let storage_class = raw.type_info().name().to_owned();
-            let get = |e: sqlx::Error| StatementError::from_sqlx(e);
-            let value = match storage_class.as_str() {
-                "INTEGER" => Value::Int(row.try_get(index).map_err(get)?),
-                "REAL" => Value::Float(row.try_get(index).map_err(get)?),
-                "BLOB" => Value::Bytes(row.try_get(index).map_err(get)?),
-                _ => Value::Text(row.try_get(index).map_err(get)?),
-            };
-            values.push(value);
+    let mut values = Vec::with_capacity(row.len());
+    for index in 0..row.len() {
+        let raw = row.try_get_raw(index).map_err(StatementError::from_sqlx)?;
+        if raw.is_null() {
+            values.push(Value::Null);
+            continue;
         }
-        Ok(values)
+        // SQLite is dynamically typed: go by the value's storage class.
+        let storage_class = raw.type_info().name().to_owned();
+        let get = |e: sqlx::Error| StatementError::from_sqlx(e);
+        let value = match storage_class.as_str() {
+            "INTEGER" => Value::Int(row.try_get(index).map_err(get)?),
+            "REAL" => Value::Float(row.try_get(index).map_err(get)?),
+            "BLOB" => Value::Bytes(row.try_get(index).map_err(get)?),
+            _ => Value::Text(row.try_get(index).map_err(get)?),
+        };
+        values.push(value);
     }
+    Ok(values)
 }
 
 pub fn column_names<R: Row>(row: &R) -> Vec<String> {
