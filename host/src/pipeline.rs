@@ -231,9 +231,10 @@ fn prepare_answer(handler: &LoadedHandler, event: &CloudEvent, outcome: Outcome)
 /// `jsonb` cannot hold U+0000 in a string, nor a number past its `numeric`
 /// range, so such a result is the handler's bad outcome (422) on either
 /// backend, not a failed store (500). Numbers are kept to a double's range
-/// (their digits are kept as written) and to at most
-/// [`MAX_FRACTION_DIGITS`] digits after the decimal point once the exponent
-/// is applied (`1e-16384` is 0 as a double, and PostgreSQL refuses it).
+/// (their digits are kept as written), to at most [`MAX_FRACTION_DIGITS`]
+/// digits after the decimal point once the exponent is applied (`1e-16384`
+/// is 0 as a double, and PostgreSQL refuses it) and to an exponent below
+/// [`MAX_EXPONENT`] (`0e1073741823` is 0, and PostgreSQL refuses it).
 fn check_result(result: &str) -> Result<(), String> {
     let json: serde_json::Value = serde_json::from_str(result).map_err(|e| format!("the result is not JSON: {e}"))?;
     let mut pending = vec![&json];
@@ -245,13 +246,24 @@ fn check_result(result: &str) -> Result<(), String> {
             serde_json::Value::Number(number) if !number.as_f64().is_some_and(f64::is_finite) => {
                 return Err(format!("the result holds the number {number}, beyond a double, which no stored result may"));
             }
-            serde_json::Value::Number(number) if fraction_digits(&number.to_string()) > MAX_FRACTION_DIGITS => {
+            serde_json::Value::Number(number) => {
                 let text = number.to_string();
-                let shown = if text.len() > 40 { format!("{}…", &text[..40]) } else { text };
-                return Err(format!(
-                    "the result holds the number {shown}, with more than {MAX_FRACTION_DIGITS} digits after the decimal \
-                     point, which no stored result may (PostgreSQL's numeric cannot)"
-                ));
+                let (fraction_digits, exponent) = numeric_scale(&text);
+                let shown = || if text.len() > 40 { format!("{}…", &text[..40]) } else { text.clone() };
+                if fraction_digits > MAX_FRACTION_DIGITS {
+                    return Err(format!(
+                        "the result holds the number {}, with more than {MAX_FRACTION_DIGITS} digits after the decimal \
+                         point, which no stored result may (PostgreSQL's numeric cannot)",
+                        shown()
+                    ));
+                }
+                if exponent >= MAX_EXPONENT {
+                    return Err(format!(
+                        "the result holds the number {}, whose exponent is {MAX_EXPONENT} or more, which no stored result \
+                         may (PostgreSQL's numeric cannot)",
+                        shown()
+                    ));
+                }
             }
             serde_json::Value::Array(items) => pending.extend(items),
             serde_json::Value::Object(members) => {
@@ -269,13 +281,18 @@ fn check_result(result: &str) -> Result<(), String> {
 /// Digits after the decimal point PostgreSQL's `numeric` (and so `jsonb`)
 /// keeps at most: `NUMERIC_DSCALE_MAX` (src/include/utils/numeric.h).
 const MAX_FRACTION_DIGITS: i128 = 16383;
+/// The exponent PostgreSQL's `numeric` input refuses from on, whatever the
+/// digits (zero included): `INT_MAX / 2` (src/backend/utils/adt/numeric.c,
+/// measured on PostgreSQL 15: `0e1073741822` is taken, `0e1073741823` not).
+const MAX_EXPONENT: i128 = 1_073_741_823;
 
 /// How many digits after the decimal point a JSON number (RFC 8259 §6:
 /// `-? int frac? exp?`) has once its exponent is applied, the way
-/// PostgreSQL's `numeric` input counts them: the fraction's digits as
-/// written (trailing zeros count) minus the exponent, at least 0. `1.50`
-/// has 2, `1.5e-3` has 4, `15e2` has 0.
-fn fraction_digits(number: &str) -> i128 {
+/// PostgreSQL's `numeric` input counts them, and its exponent as written
+/// (0 without one). The digits: the fraction's as written (trailing zeros
+/// count) minus the exponent, at least 0. `1.50` has 2, `1.5e-3` has 4,
+/// `15e2` has 0.
+fn numeric_scale(number: &str) -> (i128, i128) {
     let (mantissa, exponent) = match number.find(['e', 'E']) {
         Some(at) => (&number[..at], &number[at + 1..]),
         None => (number, "0"),
@@ -284,7 +301,7 @@ fn fraction_digits(number: &str) -> i128 {
     // An exponent of more digits than an i128 holds is far past any limit
     // either way: saturate.
     let exponent = exponent.parse::<i128>().unwrap_or(if exponent.starts_with('-') { i128::MIN / 2 } else { i128::MAX / 2 });
-    (fraction - exponent).max(0)
+    ((fraction - exponent).max(0), exponent)
 }
 
 /// The bytes of an outcome as the host stores and answers it: the JSON
@@ -440,15 +457,20 @@ mod tests {
         assert!(check_result("[0.10000000000000000001, 18446744073709551617]").is_ok(), "precise, and within range");
         // PostgreSQL's numeric keeps 16383 digits after the point: 1e-16384
         // is 0 as a double but refused by jsonb (it was a 500).
-        for stored in ["1e-16383", "1E-16383", "0.1e-16382", "-1.5e-16382", "15e2", "0e999999", "1.50"] {
+        for stored in ["1e-16383", "1E-16383", "0.1e-16382", "-1.5e-16382", "15e2", "0e999999", "1.50", "0e1073741822", "-0.0e+1073741822"] {
             assert!(check_result(&format!("[{stored}]")).is_ok(), "{stored}");
         }
         for refused in ["1e-16384", "0.1e-16383", "0e-16384", "-1.5e-16383", "1e-99999999999999999999999999999999999999999"] {
             let error = check_result(&format!("{{\"a\": [{refused}]}}")).unwrap_err();
             assert!(error.contains("digits after the decimal point"), "{refused}: {error}");
         }
-        assert_eq!(fraction_digits("1.5e-3"), 4);
-        assert_eq!(fraction_digits("1.5e+3"), 0);
+        // Zero with an exponent PostgreSQL's input refuses (it was a 500).
+        for refused in ["0e1073741823", "0.0E+1073741823", "0e99999999999999999999999999999999999999999999"] {
+            let error = check_result(&format!("[{refused}]")).unwrap_err();
+            assert!(error.contains("exponent"), "{refused}: {error}");
+        }
+        assert_eq!(numeric_scale("1.5e-3"), (4, -3));
+        assert_eq!(numeric_scale("1.5e+3"), (0, 3));
     }
 
     #[test]

@@ -22,25 +22,49 @@ pub const ERROR_HEADER: &str = "kne-exactlyerror";
 /// §15.5.16).
 pub const SUPPORTED_ENCODINGS: &str = "gzip, deflate";
 
-/// The most bytes the header lines of a `POST /` request may take, counted
-/// as `name: value\r\n` per line ([`header_bytes`]): 256 KiB. Checked by
-/// `exactly` itself, before the body is read, so the answer (431) does not
-/// depend on how the bytes arrived; the HTTP server's own read buffer is
-/// larger ([`MAX_HEADER_BUFFER_BYTES`]). Envoy-based ingresses (Kourier,
-/// Istio) stop at 60 KiB by default, well below.
-pub const MAX_EVENT_HEADER_BYTES: usize = 256 * 1024;
-/// The same for `POST /dead-letter`: an event's limit plus 64 KiB for what
-/// the dispatcher adds (Knative's `knativeerror*` extensions: the failed
-/// answer's body, truncated, base64, and the destination URL), so that an
-/// event taken at `POST /` and dead-lettered is never refused for its size.
-pub const MAX_DEAD_LETTER_HEADER_BYTES: usize = MAX_EVENT_HEADER_BYTES + 64 * 1024;
-/// The HTTP server's read buffer for a request head (hyper's
-/// `max_buf_size`): past it hyper itself answers 431 with an empty body.
-/// Larger than both limits above, so a head within them always parses.
+/// What the header lines of one request may take: lines, and bytes counted
+/// as `name: value\r\n` per line. Checked by `exactly` itself, on the
+/// parsed lines before the body is read, so the answer (431
+/// [`Rejection::HeadersTooLarge`]) does not depend on how the bytes arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    pub lines: usize,
+    pub bytes: usize,
+}
+
+/// `POST /`: 1,000 lines (an event with 300 extensions is 300 lines in
+/// binary mode; hyper's default of 100 refused ones with 85), 256 KiB
+/// (Envoy-based ingresses, Kourier and Istio, stop at 60 KiB by default).
+pub const EVENT_HEADER_LIMITS: HeaderLimits = HeaderLimits { lines: 1_000, bytes: 256 * 1024 };
+
+/// `POST /dead-letter`: an event's limits plus room for what the
+/// dispatcher adds (Knative's `knativeerror*` extensions: the failed
+/// answer's body, truncated, base64, and the destination URL; an arrival
+/// time, a trace context), so that an event taken at `POST /` and
+/// dead-lettered is never refused for its size: a 4xx there loses it.
+pub const DEAD_LETTER_HEADER_LIMITS: HeaderLimits = HeaderLimits { lines: MAX_HEADER_LINES, bytes: 320 * 1024 };
+
+/// The HTTP server's own bounds (hyper's `max_headers` and `max_buf_size`):
+/// past them it answers 431 itself, with an empty body. Neither is below
+/// the limits above, so a request within them always parses.
+pub const MAX_HEADER_LINES: usize = 1_100;
 pub const MAX_HEADER_BUFFER_BYTES: usize = 1024 * 1024;
 
-/// The bytes of a request's header lines as [`MAX_EVENT_HEADER_BYTES`]
-/// counts them: `name: value\r\n` per line.
+impl HeaderLimits {
+    /// The request's header lines within these limits, or the 431 refusing
+    /// them.
+    pub fn check(self, headers: &http::HeaderMap) -> Result<(), Rejection> {
+        let lines = headers.len();
+        let bytes = header_bytes(headers);
+        if lines > self.lines || bytes > self.bytes {
+            return Err(Rejection::HeadersTooLarge { lines, bytes, limits: self });
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of a request's header lines as [`HeaderLimits`] counts them:
+/// `name: value\r\n` per line.
 pub fn header_bytes(headers: &http::HeaderMap) -> usize {
     headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum()
 }
@@ -67,11 +91,15 @@ pub enum Rejection {
     InvalidEvent(String),
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
-    /// The header block is over the path's own limit
-    /// ([`MAX_EVENT_HEADER_BYTES`], [`MAX_DEAD_LETTER_HEADER_BYTES`]), counted
-    /// as `name: value\r\n` per line: 431, whatever chunks the bytes came in.
-    #[error("the request's header lines take {size} bytes, over the limit of {limit} (name, value and 4 bytes per line)")]
-    HeadersTooLarge { size: usize, limit: usize },
+    /// The header lines are over the path's own [`HeaderLimits`]: 431,
+    /// whatever chunks the bytes came in.
+    #[error(
+        "the request has {lines} header lines taking {bytes} bytes; the limit is {} lines and {} bytes \
+         (name, value and 4 bytes per line)",
+        limits.lines,
+        limits.bytes
+    )]
+    HeadersTooLarge { lines: usize, bytes: usize, limits: HeaderLimits },
     #[error("the request body, decoded (Content-Encoding: {encoding}), is larger than the limit of {limit} bytes")]
     DecodedTooLarge { limit: usize, encoding: &'static str },
     #[error(
@@ -214,7 +242,7 @@ impl Rejection {
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let body = serde_json::json!({ "error": self.code(), "message": bounded(self.to_string()) });
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -232,6 +260,25 @@ impl Rejection {
         }
         response
     }
+}
+
+/// The most bytes of a message an answer carries: messages quote the
+/// request (an event type of any length, say), and the answer's body comes
+/// back base64-encoded in Knative's `knativeerrordata` header when the
+/// event is dead-lettered, where it counts against the dead-letter path's
+/// [`HeaderLimits`]. The log line keeps the whole message.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut at 1024 bytes)");
+    }
+    message
 }
 
 /// A sandbox limit other than the deadline. Hitting one rolls the event
@@ -287,13 +334,24 @@ mod tests {
     /// sender gets a 4xx, the database a 503, the handler a 422 when a retry
     /// would fail the same way and a 500 when it may not.
     #[test]
+    fn messages_are_cut_at_1024_bytes_on_a_character_boundary() {
+        let long = Rejection::NoHandler(format!("a{}", "é".repeat(2000)));
+        let response = long.into_response();
+        let body = futures::executor::block_on(http_body_util::BodyExt::collect(response.into_body())).unwrap().to_bytes();
+        let message = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["message"].as_str().unwrap().to_owned();
+        assert!(message.ends_with("… (cut at 1024 bytes)") && message.len() <= MAX_MESSAGE_BYTES + 30, "{}", message.len());
+        let short = Rejection::NoHandler("t".into());
+        assert_eq!(bounded(short.to_string()), short.to_string());
+    }
+
+    #[test]
     fn every_variant_has_one_blame_and_one_answer() {
         let handler = || "h".to_owned();
         let message = || "m".to_owned();
         let all = [
             Rejection::InvalidEvent(message()),
             Rejection::PayloadTooLarge(1),
-            Rejection::HeadersTooLarge { size: 2, limit: 1 },
+            Rejection::HeadersTooLarge { lines: 2, bytes: 2, limits: HeaderLimits { lines: 1, bytes: 1 } },
             Rejection::RequestTimeout(std::time::Duration::from_secs(1)),
             Rejection::KeyReused { event_source: "s".into(), id: "i".into() },
             Rejection::NoHandler("t".into()),

@@ -76,13 +76,6 @@ pub enum Startup {
 
 /// Time allowed for a client to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most header lines a request may have (hyper answers 431 past it;
-/// its default, 100, refused an event with about 85 extensions, and a dead
-/// letter refused is a dead letter lost). The header block's bytes are
-/// bounded by `exactly` itself, per path
-/// ([`crate::rejection::MAX_EVENT_HEADER_BYTES`]), under hyper's read
-/// buffer ([`crate::rejection::MAX_HEADER_BUFFER_BYTES`]).
-const MAX_HEADERS: usize = 1_000;
 
 /// Default of [`ServerConfig::body_read_timeout`] (`--body-read-timeout`).
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,7 +146,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_headers(MAX_HEADERS)
+                    // The header lines are bounded by `exactly` itself, per
+                    // path (rejection::HeaderLimits), under these.
+                    .max_headers(crate::rejection::MAX_HEADER_LINES)
                     .max_buf_size(crate::rejection::MAX_HEADER_BUFFER_BYTES)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
@@ -346,7 +341,7 @@ impl App {
     /// decodes it into a CloudEvent, or answers why it cannot.
     async fn read_event(&self, request: Request<Incoming>, limit: usize) -> Result<CloudEvent, Response<Body>> {
         let (parts, body) = request.into_parts();
-        let read = match self.read_request_body(&parts, body, limit, crate::rejection::MAX_EVENT_HEADER_BYTES).await {
+        let read = match self.read_request_body(&parts, body, limit, crate::rejection::EVENT_HEADER_LIMITS).await {
             Ok(body) => content_encoding::decode_body(&parts.headers, body, limit)
                 .and_then(|body| decode(&parts.headers, body))
                 .map_err(|rejection| {
@@ -362,14 +357,14 @@ impl App {
     }
 
     /// The whole body of a request, or the answer refusing it (header
-    /// lines over `header_limit` bytes, shutting down, no database yet, body
+    /// lines over `header_limits`, shutting down, no database yet, body
     /// over `limit`, unreadable, too slow).
     async fn read_request_body(
         &self,
         parts: &http::request::Parts,
         mut body: Incoming,
         limit: usize,
-        header_limit: usize,
+        header_limits: crate::rejection::HeaderLimits,
     ) -> Result<Vec<u8>, (Rejection, Response<Body>)> {
         // A refusal before or while the body is read: the connection closes
         // after the answer.
@@ -377,9 +372,8 @@ impl App {
             let response = refuse_body(&parts.headers, body, rejection.clone());
             (rejection, response)
         };
-        let header_bytes = crate::rejection::header_bytes(&parts.headers);
-        if header_bytes > header_limit {
-            return Err(refuse(body, Rejection::HeadersTooLarge { size: header_bytes, limit: header_limit }));
+        if let Err(rejection) = header_limits.check(&parts.headers) {
+            return Err(refuse(body, rejection));
         }
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(refuse(body, Rejection::ShuttingDown));
@@ -417,8 +411,8 @@ impl App {
     /// 202 once it is committed; runs no handler.
     async fn receive_dead_letter(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let (parts, body) = request.into_parts();
-        let header_limit = crate::rejection::MAX_DEAD_LETTER_HEADER_BYTES;
-        let body = match self.read_request_body(&parts, body, self.max_dead_letter_bytes, header_limit).await {
+        let header_limits = crate::rejection::DEAD_LETTER_HEADER_LIMITS;
+        let body = match self.read_request_body(&parts, body, self.max_dead_letter_bytes, header_limits).await {
             Ok(body) => body,
             Err((rejection, response)) => {
                 self.metrics.rejected(rejection.code());
@@ -432,7 +426,7 @@ impl App {
         let decoded = content_encoding::decode_body(&parts.headers, body.clone(), self.max_dead_letter_bytes)
             .and_then(|decoded| decode(&parts.headers, decoded));
         let letter = match decoded {
-            Ok(event) => dlq::Letter::event(&event),
+            Ok(event) => dlq::Letter::event(&event, &parts.headers),
             Err(rejection) => dlq::Letter::raw(&parts.headers, &body, rejection.to_string()),
         };
         if let Some(problem) = letter.problem() {

@@ -473,6 +473,24 @@ async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
     );
     assert_eq!(app.processed_event(&event).await, None);
 
+    // A target whose error body holds U+0000 and a terminal escape: the
+    // attempt is recorded, the quote escaped (on PostgreSQL it went
+    // unrecorded: text cannot hold U+0000); one failure counted once.
+    let (release, released) = tokio::sync::oneshot::channel();
+    release.send(()).expect("released");
+    let (odd, _received) = capture_one_request_answering(
+        released,
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 6\r\nconnection: close\r\n\r\na\0b\x1b[m",
+    )
+    .await;
+    let output = app.env().dlq(&["replay", &id_text, "--to", &odd]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("1 of 1 dead letters"), "{stderr}");
+    let [attempts, status, _, replayed_at, error] = replay_columns(&app, dead_letter_id).await;
+    assert_eq!((attempts.as_deref(), status.as_deref(), replayed_at), (Some("3"), Some("500"), None));
+    assert_eq!(error.as_deref(), Some("a\\u{0}b\\u{1b}[m"));
+
     // Unknown ids and https targets are errors too.
     assert!(
         !app.env()
@@ -490,7 +508,7 @@ async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
     );
     assert_eq!(
         replay_columns(&app, dead_letter_id).await[0].as_deref(),
-        Some("2")
+        Some("3")
     );
 }
 
@@ -532,6 +550,7 @@ async fn dead_lettered_again_during_its_replay_stays_pending(backend: Backend) {
     let pending = list_json(app.env(), &["--pending"]).await;
     assert_eq!(pending.len(), 1);
     assert_eq!(id_of(&pending[0]), dead_letter_id);
+    assert_eq!(pending[0]["state"], "dead-lettered-again");
 
     // A replay with nothing new meanwhile is recorded as before.
     app.db.execute("DELETE FROM test_flags WHERE name = 'fail'", &[]).await;
@@ -553,6 +572,14 @@ async fn capture_one_request() -> (String, tokio::sync::oneshot::Receiver<(Vec<S
 /// answers 202 only once `released` fires.
 async fn capture_one_request_answering_when(
     released: tokio::sync::oneshot::Receiver<()>,
+) -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
+    capture_one_request_answering(released, b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await
+}
+
+/// As [`capture_one_request_answering_when`], answering `response`.
+async fn capture_one_request_answering(
+    released: tokio::sync::oneshot::Receiver<()>,
+    response: &'static [u8],
 ) -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -583,10 +610,7 @@ async fn capture_one_request_answering_when(
         }
         let _ = sender.send((head, body));
         released.await.expect("the test releases the answer");
-        stream
-            .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            .await
-            .expect("answer");
+        stream.write_all(response).await.expect("answer");
     });
     (address, receiver)
 }

@@ -103,9 +103,11 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             "dead letter {dead_letter_id} ({} {} from {})",
             dead_letter.ty, dead_letter.id, dead_letter.source
         );
+        // One count per dead letter, however many things went wrong with it.
+        let mut ok = true;
         match (&outcome, &recorded) {
             (_, Ok(Recorded::DeadLetteredAgain { deliveries })) => {
-                failed += 1;
+                ok = false;
                 println!(
                     "{what}: accepted by {} (HTTP {}), but dead-lettered again while the replay was under way \
                      (deliveries {} -> {deliveries}): it failed again; left pending",
@@ -118,7 +120,7 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
                 println!("{what}: replayed to {}: HTTP {status}", args.to);
             }
             (ReplayOutcome { status, error }, _) => {
-                failed += 1;
+                ok = false;
                 let status = status.map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
                 println!(
                     "{what}: NOT replayed to {}: {status}: {}",
@@ -128,8 +130,11 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
             }
         }
         if let Err(error) = recorded {
-            failed += 1;
+            ok = false;
             println!("{what}: the attempt could not be recorded: {error:#}");
+        }
+        if !ok {
+            failed += 1;
         }
     }
     if failed > 0 {
@@ -142,7 +147,7 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
 /// the HTTP binding requires, and the data as the body; in structured mode
 /// when binary mode cannot carry it as received ([`binary_cannot_carry`])
 /// or its header lines would take more bytes than `exactly` takes on
-/// `POST /` ([`crate::rejection::MAX_EVENT_HEADER_BYTES`], less
+/// `POST /` ([`crate::rejection::EVENT_HEADER_LIMITS`], less
 /// [`CLIENT_HEADER_BYTES`]; the dead-letter path takes more). The
 /// `knativeerror*` extensions are Knative's report about the failure, not
 /// part of the event.
@@ -156,7 +161,7 @@ fn replay_request(dead_letter: &DeadLetter, target: &http::Uri) -> anyhow::Resul
     if !binary_cannot_carry(dead_letter) {
         let binary = binary_request(dead_letter, target)?;
         let header_bytes = crate::rejection::header_bytes(binary.headers());
-        if header_bytes + CLIENT_HEADER_BYTES <= crate::rejection::MAX_EVENT_HEADER_BYTES {
+        if header_bytes + CLIENT_HEADER_BYTES <= crate::rejection::EVENT_HEADER_LIMITS.bytes {
             return Ok(binary);
         }
     }

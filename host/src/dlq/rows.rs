@@ -219,6 +219,9 @@ impl DeadLetter {
             "replayed".to_owned()
         } else if self.replay_attempts > 0 {
             match self.last_replay_status {
+                // Accepted, yet pending: delivered again while the replay
+                // was under way (see `record`).
+                Some(status) if (200..300).contains(&status) => "dead-lettered-again".to_owned(),
                 Some(status) => format!("replay-failed({status})"),
                 None => "replay-failed".to_owned(),
             }
@@ -294,6 +297,9 @@ pub(super) async fn record(
     error: Option<&str>,
 ) -> anyhow::Result<Recorded> {
     let status = status.map(i64::from);
+    // The target's answer, quoted: PostgreSQL's text cannot hold U+0000
+    // (the attempt went unrecorded), and `dlq list` shows it.
+    let error = error.map(|error| crate::printable::printable(error).into_owned());
     let deliveries: Option<i64> = match database {
         Database::Postgres(pool) => sqlx::query_scalar(
             "UPDATE exactly.dead_letters SET replay_attempts = replay_attempts + 1, last_replay_at = now(),

@@ -60,14 +60,29 @@ impl Letter {
     /// A valid event, stored attribute by attribute (a valid event's
     /// attributes hold no control character, so every column can take
     /// them: [`crate::decode`]).
-    pub fn event(event: &CloudEvent) -> Letter {
-        let extension = |name: &str| event.extensions().iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-        let dest = extension(ERROR_DEST);
-        let extensions: serde_json::Map<String, serde_json::Value> = event
+    ///
+    /// Knative's report (`knativeerrorcode`, `…data`, `…dest`) is read from
+    /// the event's extensions, or, for one the event lacks, from its
+    /// `ce-*` header in `headers`: a structured-mode dead letter may carry
+    /// the event in its body and the report as headers, which reading the
+    /// body alone would drop (and the destination is part of the dedup key).
+    pub fn event(event: &CloudEvent, headers: &http::HeaderMap) -> Letter {
+        let mut extensions: serde_json::Map<String, serde_json::Value> = event
             .extensions()
             .iter()
             .map(|(name, value)| (name.clone(), serde_json::Value::String(value.clone())))
             .collect();
+        for name in [ERROR_CODE, ERROR_DATA, ERROR_DEST] {
+            if extensions.contains_key(name) {
+                continue;
+            }
+            if let Some(value) = headers.get(format!("ce-{name}")) {
+                let value = percent_encoding::percent_decode(value.as_bytes()).decode_utf8_lossy();
+                extensions.insert(name.to_owned(), crate::printable::printable(&value).into_owned().into());
+            }
+        }
+        let extension = |name: &str| extensions.get(name).and_then(serde_json::Value::as_str).map(str::to_owned);
+        let dest = extension(ERROR_DEST);
         Letter {
             source: event.source().to_owned(),
             id: event.id().to_owned(),
@@ -76,12 +91,12 @@ impl Letter {
             time: event.time().map(str::to_owned),
             datacontenttype: event.datacontenttype().map(str::to_owned),
             dataschema: event.dataschema().map(str::to_owned),
-            extensions: serde_json::Value::Object(extensions).to_string(),
             data: event.data().map(<[u8]>::to_vec),
             code: extension(ERROR_CODE),
             error_data: extension(ERROR_DATA),
             dedup_key: dedup_key(event, dest.as_deref()),
             dest,
+            extensions: serde_json::Value::Object(extensions).to_string(),
             problem: None,
             raw_headers: None,
         }
@@ -299,11 +314,33 @@ mod tests {
         CloudEvent::for_tests("1", "urn:s", "t", None, Some("application/json"), extensions, Some(b"{}"))
     }
 
+    /// Found by a fresh attacker: a structured dead letter whose report came
+    /// as headers was stored without it, and two destinations' dead letters
+    /// of one event were one row.
+    #[test]
+    fn knatives_report_in_headers_is_kept_for_a_structured_event() {
+        let structured = event(&[]);
+        let report = |dest: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("ce-knativeerrorcode", "422".parse().unwrap());
+            headers.insert("ce-knativeerrordest", dest.parse().unwrap());
+            headers
+        };
+        let from_a = Letter::event(&structured, &report("http://a/%20x"));
+        assert_eq!((from_a.code.as_deref(), from_a.dest.as_deref()), (Some("422"), Some("http://a/ x")));
+        assert!(from_a.extensions.contains("knativeerrorcode"), "{}", from_a.extensions);
+        let from_b = Letter::event(&structured, &report("http://b/"));
+        assert_ne!(from_a.dedup_key, from_b.dedup_key, "two destinations, two dead letters");
+        // The event's own extensions win over headers.
+        let binary = event(&[(ERROR_CODE, "500")]);
+        assert_eq!(Letter::event(&binary, &report("http://a/")).code.as_deref(), Some("500"));
+    }
+
     #[test]
     fn the_quota_counts_data_extensions_and_attributes_and_answers_503() {
         let dead = event(&[(ERROR_CODE, "500")]);
         let extensions = r#"{"knativeerrorcode":"500"}"#;
-        let letter = Letter::event(&dead);
+        let letter = Letter::event(&dead, &http::HeaderMap::new());
         assert_eq!(letter.problem(), None);
         // data "{}", the extensions' JSON, the error code again in its own
         // column, source, id, type, datacontenttype.
