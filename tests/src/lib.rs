@@ -32,6 +32,7 @@ pub mod deploy;
 pub mod event;
 pub mod harness;
 pub mod metrics;
+pub mod serve;
 
 pub use answer::{Answer, ErrorBody};
 pub use app::{HandlerEntry, HandlerLimits, ProcessedEvent, TestApp, TestEnv, hostile_handler, standard_handlers};

@@ -5,16 +5,13 @@
 //! These tests start `exactly serve` themselves (flags of their own, a
 //! signal, a database behind a proxy they can cut).
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use exactly_e2e::app::exactly_binary;
-use exactly_e2e::{Answer, Backend, Db, Event, TestEnv, both_backends, json};
+use exactly_e2e::serve::Host;
+use exactly_e2e::{Backend, Db, Event, TestEnv, both_backends, json};
 use sqlx::{AssertSqlSafe, Connection};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
 both_backends!(
@@ -35,98 +32,6 @@ mod postgres_only {
     }
 }
 
-/// `exactly serve` started by the test, with its own flags.
-struct Host {
-    child: Child,
-    address: String,
-    client: reqwest::Client,
-    stderr: PathBuf,
-}
-
-impl Host {
-    async fn start(env: &TestEnv, database_url: &str, flags: &[&str]) -> Host {
-        let stderr = env.dir().join(format!(
-            "exactly-{}.stderr.log",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let mut child = Command::new(exactly_binary())
-            .env_remove("DATABASE_URL")
-            .env_remove("PORT")
-            .current_dir(env.dir())
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
-            .arg("--handlers")
-            .arg(env.manifest())
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(&stderr).expect("create the log"),
-            ))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start exactly serve");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let address = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(address) = line.trim().strip_prefix("exactly listening on ") {
-                    return address.trim_end_matches('/').to_owned();
-                }
-            }
-            panic!(
-                "exactly serve stopped before listening:\n{}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            )
-        })
-        .await
-        .expect("exactly serve listens within a minute");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("an HTTP client");
-        Host {
-            child,
-            address,
-            client,
-            stderr,
-        }
-    }
-
-    async fn send(&self, event: &Event) -> Answer {
-        self.try_send(event)
-            .await
-            .unwrap_or_else(|error| panic!("POST: {error}\n{}", self.log()))
-    }
-
-    async fn try_send(&self, event: &Event) -> Result<Answer, reqwest::Error> {
-        let mut request = self.client.post(format!("{}/", self.address));
-        for (name, value) in event.binary_headers() {
-            request = request.header(name, value);
-        }
-        let response = request.body(event.data_bytes()).send().await?;
-        Ok(Answer::read(response).await)
-    }
-
-    async fn get(&self, path: &str) -> Answer {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.address))
-            .send()
-            .await
-            .expect("GET");
-        Answer::read(response).await
-    }
-
-    fn host_port(&self) -> String {
-        self.address.trim_start_matches("http://").to_owned()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
 
 async fn stored(db: &Db, backend: Backend, event: &Event) -> i64 {
     let sql = format!(
