@@ -4,11 +4,13 @@
 //! command given the environment of `serve` opens the database `serve`
 //! writes.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use sqlx::postgres::PgSslMode;
 
-use crate::storage::DbOptions;
+use crate::storage::{DbOptions, PgTls};
 
 /// How to reach the database: every command that touches it takes these.
 #[derive(Args, Debug)]
@@ -36,6 +38,35 @@ pub(crate) struct DatabaseArgs {
     /// SQLite's `busy_timeout`.
     #[arg(long, env = "EXACTLY_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     lock_timeout: Duration,
+
+    /// PostgreSQL TLS, as libpq's `sslmode`: disable, allow, prefer,
+    /// require, verify-ca or verify-full; libpq's default is `prefer` (TLS
+    /// when the server offers it, unverified). `verify-full` checks the
+    /// server's certificate against `--database-sslrootcert` and its name
+    /// against the URL's host. The URL's `sslmode` parameter does the same;
+    /// given both ways with different values, `exactly` refuses to guess.
+    #[arg(long, env = "PGSSLMODE", value_parser = parse_sslmode)]
+    database_sslmode: Option<PgSslMode>,
+
+    /// PostgreSQL TLS: the CA certificate(s) (PEM file) the server's
+    /// certificate must chain to, as libpq's `sslrootcert`; without one,
+    /// `verify-ca`/`verify-full` use the public web roots built in.
+    #[arg(long, env = "PGSSLROOTCERT")]
+    database_sslrootcert: Option<PathBuf>,
+
+    /// PostgreSQL TLS: a client certificate (PEM), as libpq's `sslcert`.
+    #[arg(long, env = "PGSSLCERT")]
+    database_sslcert: Option<PathBuf>,
+
+    /// PostgreSQL TLS: the client certificate's key (PEM), as libpq's `sslkey`.
+    #[arg(long, env = "PGSSLKEY")]
+    database_sslkey: Option<PathBuf>,
+}
+
+fn parse_sslmode(text: &str) -> Result<PgSslMode, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not an sslmode: disable, allow, prefer, require, verify-ca or verify-full")
+    })
 }
 
 impl DatabaseArgs {
@@ -45,6 +76,12 @@ impl DatabaseArgs {
             max_connections: self.db_max_connections,
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
+            tls: PgTls {
+                sslmode: self.database_sslmode,
+                sslrootcert: self.database_sslrootcert.clone(),
+                sslcert: self.database_sslcert.clone(),
+                sslkey: self.database_sslkey.clone(),
+            },
         }
     }
 }

@@ -19,6 +19,7 @@ fn options(url: &str) -> DbOptions {
         max_connections: 1,
         statement_timeout: Duration::from_secs(10),
         lock_timeout: Duration::from_secs(5),
+        tls: Default::default(),
     }
 }
 

@@ -71,6 +71,78 @@ pub struct DbOptions {
     pub max_connections: u32,
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// TLS to PostgreSQL given as flags (or libpq's `PGSSL*` variables);
+    /// the URL's parameters may say the same, never something else.
+    pub tls: PgTls,
+}
+
+/// TLS to PostgreSQL as libpq names it (`sslmode`, `sslrootcert`,
+/// `sslcert`, `sslkey`): what the `--database-ssl*` flags (or `PGSSLMODE`,
+/// `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`) set. `None` leaves the URL's
+/// parameter, else libpq's default (`sslmode=prefer`, no client
+/// certificate).
+#[derive(Debug, Clone, Default)]
+pub struct PgTls {
+    pub sslmode: Option<sqlx::postgres::PgSslMode>,
+    pub sslrootcert: Option<std::path::PathBuf>,
+    pub sslcert: Option<std::path::PathBuf>,
+    pub sslkey: Option<std::path::PathBuf>,
+}
+
+impl PgTls {
+    /// Refuses a URL parameter (in any spelling the driver reads) that
+    /// names another value than the flag for the same setting.
+    fn agrees_with_url(&self, url: &str) -> anyhow::Result<()> {
+        let Ok(parsed) = url::Url::parse(url) else { return Ok(()) };
+        let flags: [(&str, &[&str], Option<String>); 4] = [
+            ("--database-sslmode (PGSSLMODE)", &["sslmode", "ssl-mode"], self.sslmode.map(|mode| format!("{mode:?}"))),
+            (
+                "--database-sslrootcert (PGSSLROOTCERT)",
+                &["sslrootcert", "ssl-root-cert", "ssl-ca"],
+                self.sslrootcert.as_ref().map(|path| path.display().to_string()),
+            ),
+            ("--database-sslcert (PGSSLCERT)", &["sslcert", "ssl-cert"], self.sslcert.as_ref().map(|path| path.display().to_string())),
+            ("--database-sslkey (PGSSLKEY)", &["sslkey", "ssl-key"], self.sslkey.as_ref().map(|path| path.display().to_string())),
+        ];
+        for (flag, names, value) in flags {
+            let Some(value) = value else { continue };
+            for (name, in_url) in parsed.query_pairs().filter(|(name, _)| names.contains(&name.as_ref())) {
+                let same = if names[0] == "sslmode" {
+                    in_url.parse::<sqlx::postgres::PgSslMode>().is_ok_and(|mode| format!("{mode:?}") == value)
+                } else {
+                    in_url == value
+                };
+                if !same {
+                    bail!("the database URL's {name}={in_url} and {flag} = {value} disagree; give it one way");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DbOptions {
+    /// The PostgreSQL connection options of the URL with the TLS flags
+    /// applied. Errors: a URL the driver cannot read, or one whose TLS
+    /// parameter says something else than its flag (libpq would let the
+    /// URL win over the variable silently).
+    pub fn postgres(&self) -> anyhow::Result<PgConnectOptions> {
+        let mut connect = PgConnectOptions::from_str(&self.url).context("invalid PostgreSQL URL")?;
+        self.tls.agrees_with_url(&self.url)?;
+        if let Some(mode) = self.tls.sslmode {
+            connect = connect.ssl_mode(mode);
+        }
+        if let Some(path) = &self.tls.sslrootcert {
+            connect = connect.ssl_root_cert(path);
+        }
+        if let Some(path) = &self.tls.sslcert {
+            connect = connect.ssl_client_cert(path);
+        }
+        if let Some(path) = &self.tls.sslkey {
+            connect = connect.ssl_client_key(path);
+        }
+        Ok(connect)
+    }
 }
 
 #[derive(Clone)]
@@ -138,8 +210,8 @@ impl Database {
         if Backend::from_url(url)? == Backend::Postgres {
             // Timeouts travel in the startup packet: no extra round trip per
             // event to set them.
-            let connect = PgConnectOptions::from_str(url)
-                .context("invalid PostgreSQL URL")?
+            let connect = options
+                .postgres()?
                 .application_name("exactly")
                 .options([
                     ("standard_conforming_strings", "on".to_owned()),
@@ -302,11 +374,27 @@ pub fn classify(error: sqlx::Error) -> Rejection {
 /// restarting, refusing connections, the database or its role not created
 /// yet: [`ErrorClass::is_transient`]) rather than a mistake waiting cannot
 /// cure: a malformed URL, a migration that fails (a missing privilege
-/// `42501` among them), a changed migration file.
+/// `42501` among them), a changed migration file, and TLS that cannot be
+/// had as configured (a server certificate that does not chain to
+/// `sslrootcert` or name the host, a server without TLS under `require`, a
+/// CA file that cannot be read): those stop the start-up with the
+/// driver's words instead of waiting for ever.
 pub fn is_transient(error: &anyhow::Error) -> bool {
-    error
+    !error.chain().any(is_tls_failure)
+        && error
         .chain()
         .any(|cause| cause.downcast_ref::<sqlx::Error>().is_some_and(|error| ErrorClass::of(error).is_transient()))
+}
+
+/// A TLS failure: the driver's own (no TLS on the server, a file it cannot
+/// read), or the handshake's (a certificate it does not trust), which the
+/// driver reports as an I/O error carrying rustls' error.
+fn is_tls_failure(cause: &(dyn std::error::Error + 'static)) -> bool {
+    match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Tls(_)) => true,
+        Some(sqlx::Error::Io(io)) => io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref).is_some_and(|inner| inner.is::<rustls::Error>()),
+    }
 }
 
 /// Hides the password of a database URL in messages.

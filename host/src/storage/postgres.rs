@@ -31,14 +31,13 @@
 //! session on which that fails is closed, never pooled again.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres, Row, Transaction};
 
 use super::migrate::{check_applied, handler_tables, read_migrations, tables_created_by};
@@ -421,8 +420,8 @@ pub(super) async fn handler_pools(
     for handler in &manifest.handlers {
         let roles = roles_of(&prefix, &handler.name);
         let statement_timeout = statement_timeouts.get(&handler.name).copied().unwrap_or(options.statement_timeout);
-        let connect = PgConnectOptions::from_str(&options.url)
-            .context("invalid PostgreSQL URL")?
+        let connect = options
+            .postgres()?
             .username(&roles.login)
             .password(&key.password(&roles.login))
             .application_name(&format!("exactly:{}", handler.name))

@@ -141,6 +141,38 @@ impl PgCluster {
         Ok(cluster)
     }
 
+    /// Turns TLS on (`ssl = on`, reloaded, no restart) with this server
+    /// certificate and key (PEM), written into the data directory as
+    /// `server.crt` and `server.key` (the key readable by its owner only,
+    /// as PostgreSQL demands). Connections may then use TLS; they need not.
+    pub async fn enable_tls(&self, certificate_pem: &str, key_pem: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.path.join("data");
+        for (name, text, mode) in [("server.crt", certificate_pem, 0o644), ("server.key", key_pem, 0o600)] {
+            let file = data.join(name);
+            std::fs::write(&file, text).with_context(|| format!("write {}", file.display()))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))?;
+            if self.as_postgres {
+                let status = Command::new("chown").args(["postgres:", &file.display().to_string()]).status()?;
+                if !status.success() {
+                    bail!("cannot hand {} to the postgres user", file.display());
+                }
+            }
+        }
+        let mut admin = connect_with_retry(&self.url("postgres")).await?;
+        sqlx::raw_sql("ALTER SYSTEM SET ssl = on").execute(&mut admin).await.context("ALTER SYSTEM SET ssl")?;
+        sqlx::raw_sql("SELECT pg_reload_conf()").execute(&mut admin).await?;
+        for _ in 0..100 {
+            let mut fresh = connect_with_retry(&self.url("postgres")).await?;
+            let ssl: String = sqlx::query_scalar("SHOW ssl").fetch_one(&mut fresh).await?;
+            if ssl == "on" {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("PostgreSQL did not turn TLS on:\n{}", self.log_tail(20))
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/<database>`.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
