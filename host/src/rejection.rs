@@ -37,17 +37,19 @@ pub struct HeaderLimits {
 /// (Envoy-based ingresses, Kourier and Istio, stop at 60 KiB by default).
 pub const EVENT_HEADER_LIMITS: HeaderLimits = HeaderLimits { lines: 1_000, bytes: 256 * 1024 };
 
-/// `POST /dead-letter`: an event's limits plus room for what the
-/// dispatcher adds (Knative's `knativeerror*` extensions: the failed
-/// answer's body, truncated, base64, and the destination URL; an arrival
-/// time, a trace context), so that an event taken at `POST /` and
-/// dead-lettered is never refused for its size: a 4xx there loses it.
-pub const DEAD_LETTER_HEADER_LIMITS: HeaderLimits = HeaderLimits { lines: MAX_HEADER_LINES, bytes: 320 * 1024 };
+/// `POST /dead-letter`: as much as the HTTP server reads, less room for the
+/// request line: a 4xx there loses the dead letter. Far more than an
+/// event's limits plus what the dispatcher adds (Knative's `knativeerror*`
+/// extensions: the failed answer's body, truncated, base64, and the
+/// destination URL; an arrival time, a trace context), so an event taken
+/// at `POST /` is never refused here, and neither is most of one `POST /`
+/// refused for its header lines (431) and the dispatcher dead-lettered.
+pub const DEAD_LETTER_HEADER_LIMITS: HeaderLimits = HeaderLimits { lines: MAX_HEADER_LINES, bytes: 960 * 1024 };
 
 /// The HTTP server's own bounds (hyper's `max_headers` and `max_buf_size`):
 /// past them it answers 431 itself, with an empty body. Neither is below
 /// the limits above, so a request within them always parses.
-pub const MAX_HEADER_LINES: usize = 1_100;
+pub const MAX_HEADER_LINES: usize = 2_000;
 pub const MAX_HEADER_BUFFER_BYTES: usize = 1024 * 1024;
 
 impl HeaderLimits {

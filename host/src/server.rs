@@ -426,7 +426,8 @@ impl App {
         let decoded = content_encoding::decode_body(&parts.headers, body.clone(), self.max_dead_letter_bytes)
             .and_then(|decoded| decode(&parts.headers, decoded));
         let letter = match decoded {
-            Ok(event) => dlq::Letter::event(&event, &parts.headers),
+            Ok(event) => dlq::Letter::event(&event, &parts.headers)
+                .unwrap_or_else(|problem| dlq::Letter::raw(&parts.headers, &body, problem)),
             Err(rejection) => dlq::Letter::raw(&parts.headers, &body, rejection.to_string()),
         };
         if let Some(problem) = letter.problem() {

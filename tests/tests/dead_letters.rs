@@ -1009,6 +1009,26 @@ async fn events_binary_mode_cannot_carry_replay_as_received(backend: Backend) {
     assert!(error.message.contains("ambiguous"), "{answer}");
     assert_eq!(app.effects(&victim).await, 0);
 
+    // A structured dead letter with Knative's report as headers: the
+    // headers win over a report inside the body (found by fresh attackers:
+    // the headers were dropped); one given twice keeps it as received.
+    let reported = Event::new("test.count");
+    let stale = r#","knativeerrorcode":"503","knativeerrordest":"http://old/""#;
+    let mut with_report = headers[..1].to_vec();
+    with_report.extend(exactly_e2e::event::knative_extensions(422, b"{}", "http://new/"));
+    app.post_to("/dead-letter", &with_report, structured(&reported, stale)).await.assert_status(202);
+    let twice = Event::new("test.count");
+    let mut doubled = with_report.clone();
+    doubled.push(("ce-knativeerrorcode".to_owned(), "500".to_owned()));
+    app.post_to("/dead-letter", &doubled, structured(&twice, "")).await.assert_status(202);
+    let items = list_json(app.env(), &[]).await;
+    let find = |event: &Event| items.iter().find(|item| item["id"] == json!(event.id)).cloned().expect("listed");
+    let (reported, twice) = (find(&reported), find(&twice));
+    assert_eq!((&reported["error_code"], &reported["error_dest"]), (&json!("422"), &json!("http://new/")), "{reported}");
+    assert_eq!(reported["stored_as"], "event");
+    assert_eq!(twice["stored_as"], "raw", "{twice}");
+    assert!(twice["problem"].as_str().unwrap_or_default().contains("more than once"), "{twice}");
+
     // Dead-lettered, it is kept raw and listed as the event a receiver
     // reads (the body's), with the headers' other event named; its replay
     // as received is refused by exactly's event path in the same words.
@@ -1016,7 +1036,7 @@ async fn events_binary_mode_cannot_carry_replay_as_received(backend: Backend) {
     dead_letter.extend(exactly_e2e::event::knative_extensions(400, b"", &to));
     app.post_to("/dead-letter", &dead_letter, structured(&outer, "")).await.assert_status(202);
     let items = list_json(app.env(), &[]).await;
-    let raw = items.iter().find(|item| item["stored_as"] == "raw").expect("kept raw");
+    let raw = items.iter().find(|item| item["stored_as"] == "raw" && item["id"] == json!(outer.id)).expect("kept raw");
     assert_eq!((&raw["id"], &raw["type"]), (&json!(outer.id), &json!("test.count")), "{raw}");
     let problem = raw["problem"].as_str().unwrap_or_default();
     assert!(problem.contains("ambiguous") && problem.contains(&format!("header ce-id: \"{}\"", victim.id)), "{problem}");

@@ -62,28 +62,41 @@ impl Letter {
     /// them: [`crate::decode`]).
     ///
     /// Knative's report (`knativeerrorcode`, `…data`, `…dest`) is read from
-    /// the event's extensions, or, for one the event lacks, from its
-    /// `ce-*` header in `headers`: a structured-mode dead letter may carry
-    /// the event in its body and the report as headers, which reading the
-    /// body alone would drop (and the destination is part of the dedup key).
-    pub fn event(event: &CloudEvent, headers: &http::HeaderMap) -> Letter {
+    /// its `ce-*` headers in `headers`, else from the event's extensions: a
+    /// structured-mode dead letter may carry the event in its body and the
+    /// report as headers, which reading the body alone would drop (and the
+    /// destination is part of the dedup key); the headers are what the
+    /// dispatcher just added, a report inside the body may be an older
+    /// one. (In binary mode the headers are the extensions.)
+    ///
+    /// Errors: a report header the event path would refuse (given twice,
+    /// not UTF-8 once percent-decoded, holding a control character): the
+    /// dead letter is then kept as received ([`Letter::raw`]), as in
+    /// binary mode.
+    pub fn event(event: &CloudEvent, headers: &http::HeaderMap) -> Result<Letter, String> {
         let mut extensions: serde_json::Map<String, serde_json::Value> = event
             .extensions()
             .iter()
             .map(|(name, value)| (name.clone(), serde_json::Value::String(value.clone())))
             .collect();
         for name in [ERROR_CODE, ERROR_DATA, ERROR_DEST] {
-            if extensions.contains_key(name) {
-                continue;
+            let header = format!("ce-{name}");
+            let mut values = headers.get_all(&header).iter();
+            let Some(value) = values.next() else { continue };
+            if values.next().is_some() {
+                return Err(format!("header {header} appears more than once"));
             }
-            if let Some(value) = headers.get(format!("ce-{name}")) {
-                let value = percent_encoding::percent_decode(value.as_bytes()).decode_utf8_lossy();
-                extensions.insert(name.to_owned(), crate::printable::printable(&value).into_owned().into());
+            let value = percent_encoding::percent_decode(value.as_bytes())
+                .decode_utf8()
+                .map_err(|_| format!("header {header} is not UTF-8 after percent-decoding"))?;
+            if let Some(c) = value.chars().find(|&c| crate::decode::forbidden_in_string(c)) {
+                return Err(format!("header {header} contains U+{:04X}, which a CloudEvents String may not hold", c as u32));
             }
+            extensions.insert(name.to_owned(), value.into_owned().into());
         }
         let extension = |name: &str| extensions.get(name).and_then(serde_json::Value::as_str).map(str::to_owned);
         let dest = extension(ERROR_DEST);
-        Letter {
+        Ok(Letter {
             source: event.source().to_owned(),
             id: event.id().to_owned(),
             ty: event.ty().to_owned(),
@@ -99,7 +112,7 @@ impl Letter {
             extensions: serde_json::Value::Object(extensions).to_string(),
             problem: None,
             raw_headers: None,
-        }
+        })
     }
 
     /// A request the sink cannot store as an event, kept as received (see
@@ -326,21 +339,28 @@ mod tests {
             headers.insert("ce-knativeerrordest", dest.parse().unwrap());
             headers
         };
-        let from_a = Letter::event(&structured, &report("http://a/%20x"));
+        let from_a = Letter::event(&structured, &report("http://a/%20x")).unwrap();
         assert_eq!((from_a.code.as_deref(), from_a.dest.as_deref()), (Some("422"), Some("http://a/ x")));
         assert!(from_a.extensions.contains("knativeerrorcode"), "{}", from_a.extensions);
-        let from_b = Letter::event(&structured, &report("http://b/"));
+        let from_b = Letter::event(&structured, &report("http://b/")).unwrap();
         assert_ne!(from_a.dedup_key, from_b.dedup_key, "two destinations, two dead letters");
-        // The event's own extensions win over headers.
-        let binary = event(&[(ERROR_CODE, "500")]);
-        assert_eq!(Letter::event(&binary, &report("http://a/")).code.as_deref(), Some("500"));
+        // The headers win over a report inside the body (the dispatcher
+        // just added them; the body's may be an older one).
+        let stale = event(&[(ERROR_CODE, "500")]);
+        assert_eq!(Letter::event(&stale, &report("http://a/")).unwrap().code.as_deref(), Some("422"));
+        // A report header the event path would refuse: kept as received.
+        let mut twice = report("http://a/");
+        twice.append("ce-knativeerrorcode", "500".parse().unwrap());
+        assert!(Letter::event(&structured, &twice).unwrap_err().contains("more than once"));
+        let nul = report("http://p%00/");
+        assert!(Letter::event(&structured, &nul).unwrap_err().contains("U+0000"));
     }
 
     #[test]
     fn the_quota_counts_data_extensions_and_attributes_and_answers_503() {
         let dead = event(&[(ERROR_CODE, "500")]);
         let extensions = r#"{"knativeerrorcode":"500"}"#;
-        let letter = Letter::event(&dead, &http::HeaderMap::new());
+        let letter = Letter::event(&dead, &http::HeaderMap::new()).unwrap();
         assert_eq!(letter.problem(), None);
         // data "{}", the extensions' JSON, the error code again in its own
         // column, source, id, type, datacontenttype.
