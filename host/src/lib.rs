@@ -25,6 +25,7 @@ mod database_args;
 pub mod decode;
 pub mod dlq;
 pub mod fault;
+pub mod https;
 pub mod manifest;
 pub mod media_type;
 pub mod metrics;

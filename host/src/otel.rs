@@ -24,8 +24,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
@@ -61,19 +59,18 @@ pub fn configured_endpoint() -> Option<String> {
 /// [`DEFAULT_SERVICE_NAME`]) with `OTEL_RESOURCE_ATTRIBUTES`; the `OTEL_BSP_*`
 /// variables tune the batches. HTTP requests run on `runtime`.
 pub fn exporter(runtime: tokio::runtime::Handle) -> anyhow::Result<SdkTracerProvider> {
-    let https = ENDPOINT_VARS
+    // The OTLP exporter's standard variable for the CA certificate(s) of an
+    // https collector (PEM), besides the public web roots built in.
+    let ca_file = ["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]
         .iter()
-        .filter_map(|name| std::env::var(name).ok())
-        .any(|endpoint| endpoint.trim().to_ascii_lowercase().starts_with("https:"));
-    if https {
-        anyhow::bail!("an https endpoint needs TLS, which exactly's OTLP client lacks: export to a collector over http");
-    }
+        .find_map(|name| std::env::var(name).ok().filter(|value| !value.trim().is_empty()))
+        .map(std::path::PathBuf::from);
     let timeout = ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
         .iter()
         .find_map(|name| std::env::var(name).ok()?.trim().parse().ok())
         .map_or(Duration::from_secs(10), Duration::from_millis);
     let client = RuntimeClient {
-        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        client: crate::https::client(ca_file.as_deref())?,
         timeout,
         runtime,
     };
@@ -98,7 +95,7 @@ pub fn exporter(runtime: tokio::runtime::Handle) -> anyhow::Result<SdkTracerProv
 /// hyper's HTTP/1 client, its requests spawned on the async runtime: the
 /// batch processor calls it from its own thread, where no reactor runs.
 struct RuntimeClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<crate::https::Connector, Full<Bytes>>,
     timeout: Duration,
     runtime: tokio::runtime::Handle,
 }

@@ -22,6 +22,7 @@ both_backends!(
     replay_resends_the_event_and_records_it,
     failed_replays_are_recorded_and_exit_non_zero,
     dead_lettered_again_during_its_replay_stays_pending,
+    replay_over_https,
     malformed_dead_letters_are_kept_as_received_and_replayed_as_they_came,
     busy_database_answers_503_and_stores_nothing,
     dead_letters_may_be_larger_than_events,
@@ -491,7 +492,7 @@ async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
     assert_eq!((attempts.as_deref(), status.as_deref(), replayed_at), (Some("3"), Some("500"), None));
     assert_eq!(error.as_deref(), Some("a\\u{0}b\\u{1b}[m"));
 
-    // Unknown ids and https targets are errors too.
+    // Unknown ids and other schemes are errors too.
     assert!(
         !app.env()
             .dlq(&["replay", "987654", "--to", &to])
@@ -501,7 +502,7 @@ async fn failed_replays_are_recorded_and_exit_non_zero(backend: Backend) {
     );
     assert!(
         !app.env()
-            .dlq(&["replay", &id_text, "--to", "https://example.invalid/"])
+            .dlq(&["replay", &id_text, "--to", "ftp://example.invalid/"])
             .await
             .status
             .success()
@@ -581,12 +582,38 @@ async fn capture_one_request_answering(
     released: tokio::sync::oneshot::Receiver<()>,
     response: &'static [u8],
 ) -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
+    capture_one(released, response, None).await
+}
+
+/// A stream the capture server reads a request from: TCP, or TLS over it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The capture server, over TLS when given an acceptor (an `https://`
+/// address then).
+async fn capture_one(
+    released: tokio::sync::oneshot::Receiver<()>,
+    response: &'static [u8],
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (String, tokio::sync::oneshot::Receiver<(Vec<String>, Vec<u8>)>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = format!("http://{}/", listener.local_addr().expect("address"));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let address = format!("{scheme}://{}/", listener.local_addr().expect("address"));
     let (sender, receiver) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.expect("accept");
+        let mut stream: Box<dyn Stream> = loop {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            match &tls {
+                None => break Box::new(tcp),
+                // A client that refuses the certificate ends the handshake:
+                // wait for the next one.
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => break Box::new(stream),
+                    Err(_) => continue,
+                },
+            }
+        };
         let mut request = Vec::new();
         let mut buffer = [0u8; 8192];
         let head_end = loop {
@@ -611,8 +638,66 @@ async fn capture_one_request_answering(
         let _ = sender.send((head, body));
         released.await.expect("the test releases the answer");
         stream.write_all(response).await.expect("answer");
+        let _ = stream.shutdown().await;
     });
     (address, receiver)
+}
+
+/// `dlq replay` to an `https://` target (issue 11): the server's
+/// certificate, from a CA of the test's own, is refused without
+/// `--ca-file` (recorded as no answer) and taken with it; the event
+/// arrives as it would over http.
+async fn replay_over_https(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let event = Event::new("test.permanent");
+    let failed = app.send_binary(&event).await;
+    post_dead_letter(&app, &event, &failed).await.assert_accepted();
+    let id_text = id_of(&list_json(app.env(), &[]).await[0]).to_string();
+
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().expect("a key");
+    let ca = ca.self_signed(&ca_key).expect("the CA");
+    let server_key = rcgen::KeyPair::generate().expect("a key");
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("server parameters")
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("the server certificate");
+    let ca_file = app.env().dir().join("replay-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write the CA");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).expect("the key"),
+        )
+        .expect("the server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+
+    let (release, released) = tokio::sync::oneshot::channel();
+    release.send(()).expect("released");
+    let (to, received) = capture_one(
+        released,
+        b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        Some(acceptor),
+    )
+    .await;
+    let refused = app.env().dlq(&["replay", &id_text, "--to", &to]).await;
+    assert!(!refused.status.success(), "an untrusted certificate must fail the replay");
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    assert!(stdout.contains("no answer") && stdout.to_lowercase().contains("certificate"), "{stdout}");
+    assert_eq!(replay_columns(&app, id_text.parse().unwrap()).await[3], None);
+
+    let ca_text = ca_file.display().to_string();
+    let stdout = stdout_of(&app.env().dlq(&["replay", &id_text, "--to", &to, "--ca-file", &ca_text]).await, "dlq replay https");
+    assert!(stdout.contains("replayed to") && stdout.contains("202"), "{stdout}");
+    let (head, _) = received.await.expect("the replay arrived");
+    assert!(head.iter().any(|line| line.eq_ignore_ascii_case(&format!("ce-id: {}", event.id))), "{head:?}");
+    let [attempts, status, _, replayed_at, _] = replay_columns(&app, id_text.parse().unwrap()).await;
+    assert_eq!((attempts.as_deref(), status.as_deref()), (Some("2"), Some("202")));
+    assert!(replayed_at.is_some());
 }
 
 /// Fault 1 of issue 10: on a 4xx the Knative dispatcher commits the offset

@@ -30,10 +30,15 @@ pub(super) struct ReplayArgs {
     #[arg(required = true)]
     ids: Vec<i64>,
 
-    /// Where to send the events (`http://` only): the broker's ingress, or
-    /// `exactly` itself (`http://exactly.<namespace>.svc/`).
+    /// Where to send the events (`http://` or `https://`): the broker's
+    /// ingress, or `exactly` itself (`http://exactly.<namespace>.svc/`).
     #[arg(long)]
     to: String,
+
+    /// For an `https://` target: a PEM file of CA certificates the server's
+    /// certificate may chain to, besides the public web roots built in.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
 
     /// Send even dead letters that were already replayed successfully.
     #[arg(long)]
@@ -56,18 +61,17 @@ impl ReplayOutcome {
     }
 }
 
-type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+type Client = hyper_util::client::legacy::Client<crate::https::Connector, Full<Bytes>>;
 
 pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let target: http::Uri = args.to.parse().with_context(|| format!("--to {:?} is not a URL", args.to))?;
     match target.scheme_str() {
-        Some("http") => {}
-        Some(other) => bail!("--to {:?}: only http:// is supported (got {other}://); use the in-cluster address", args.to),
-        None => bail!("--to {:?} is not an absolute http:// URL", args.to),
+        Some("http" | "https") => {}
+        Some(other) => bail!("--to {:?}: only http:// and https:// are supported (got {other}://)", args.to),
+        None => bail!("--to {:?} is not an absolute http:// or https:// URL", args.to),
     }
+    let client: Client = crate::https::client(args.ca_file.as_deref())?;
     let database = connect(&args.database).await?;
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let mut failed = 0usize;
     for &dead_letter_id in &args.ids {
         let Some(dead_letter) = select_one(&database, dead_letter_id).await? else {
